@@ -1,0 +1,3 @@
+from anomaseg.cli import main
+
+raise SystemExit(main())

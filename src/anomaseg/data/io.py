@@ -1,0 +1,158 @@
+"""Reading and writing image files. Orientation and affines are handled here and nowhere else.
+
+Every volume is held in memory in the closest canonical orientation, RAS+ (array axes increase
+towards the subject's right, anterior and superior), so axial slices are always `data[:, :, k]`. Outputs are written back in the input's own voxel
+order with its own affine and header, so they overlay the input in 3D Slicer, ITK-SNAP or FSLeyes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations as ornt
+
+from anomaseg.atomic import atomic_path
+from anomaseg.errors import InputError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_RAS = ornt.axcodes2ornt(("R", "A", "S"))
+
+
+def is_nifti(path: str | Path) -> bool:
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def nifti_stem(path: str | Path) -> str:
+    """File name without .nii / .nii.gz."""
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+@dataclass
+class Volume:
+    """A 3D image in RAS+ voxel order, with what is needed to write results back like the input."""
+
+    data: np.ndarray | None  # float32 (images) or integer values (labels), (X, Y, Z) RAS+; None: header only
+    affine: np.ndarray  # 4x4 affine of `data` (RAS+ voxel order)
+    path: Path
+    source_affine: np.ndarray  # affine of the file as stored
+    source_header: nib.Nifti1Header
+    to_source: np.ndarray  # nibabel orientation transform RAS+ -> stored voxel order
+    shape: tuple[int, int, int] = ()  # RAS+ shape
+
+    def __post_init__(self):
+        if self.data is not None:
+            self.shape = tuple(self.data.shape)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(float(s) for s in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))  # type: ignore
+
+
+def load_volume(path: str | Path, *, channel: int | None = None, kind: str = "image",
+                header_only: bool = False) -> Volume:
+    """Load a NIfTI volume, check it, and reorient it to RAS+.
+
+    `channel` picks one volume of a 4D file (decathlon-style multi-modal images). `kind` ("image",
+    "segmentation" or "mask") only words the error messages and decides the dtype: images become
+    float32, the others keep integer values. `header_only` reads the geometry without the voxels
+    (`data` is then None), enough to write outputs like the file. Every problem raises
+    `InputError` naming the file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, f"{kind} file not found")
+    if not path.is_file():
+        raise InputError(path, f"{kind} path is not a file")
+    if not is_nifti(path):
+        raise InputError(path, f"{kind} is not a NIfTI file (expected .nii or .nii.gz)")
+    try:
+        img = nib.load(str(path))
+        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise InputError(path, f"{kind} is not a NIfTI image")
+        if header_only:
+            shape = img.header.get_data_shape()[:3]
+            to_ras = ornt.ornt_transform(ornt.io_orientation(img.affine), _RAS)
+            ras_shape = [0, 0, 0]
+            for axis, (target, _) in enumerate(to_ras):
+                ras_shape[int(target)] = shape[axis]
+            return Volume(None, img.affine @ ornt.inv_ornt_aff(to_ras, shape), path, img.affine.copy(),
+                          img.header.copy(), ornt.ornt_transform(_RAS, ornt.io_orientation(img.affine)),
+                          tuple(ras_shape))
+        raw = np.asanyarray(img.dataobj)
+    except InputError:
+        raise
+    except (nib.filebasedimages.ImageFileError, EOFError, OSError, ValueError, zlib.error,
+            gzip.BadGzipFile, MemoryError) as exc:
+        raise InputError(path, f"{kind} is corrupt or not a readable NIfTI file ({exc})") from None
+
+    if raw.ndim == 4 and channel is not None:
+        if not 0 <= channel < raw.shape[3]:
+            raise InputError(path, f"{kind} has {raw.shape[3]} channels, channel {channel} requested")
+        raw = raw[..., channel]
+    while raw.ndim > 3 and raw.shape[-1] == 1:
+        raw = raw[..., 0]
+    if raw.ndim != 3:
+        raise InputError(path, f"{kind} must be a 3D volume, got shape {raw.shape}")
+    if min(raw.shape) < 1:
+        raise InputError(path, f"{kind} is empty (shape {raw.shape})")
+
+    if kind == "image":
+        data = np.asarray(raw, dtype=np.float32)
+        bad = ~np.isfinite(data)
+        if bad.any():
+            raise InputError(path, f"{kind} contains {int(bad.sum())} NaN/Inf voxels")
+    else:
+        if np.issubdtype(raw.dtype, np.floating):
+            if not np.isfinite(raw).all():
+                raise InputError(path, f"{kind} contains NaN/Inf voxels")
+            data = np.rint(raw).astype(np.int16)
+        else:
+            data = np.asarray(raw)
+
+    source_affine = img.affine.copy()
+    to_ras = ornt.ornt_transform(ornt.io_orientation(source_affine), _RAS)
+    to_source = ornt.ornt_transform(_RAS, ornt.io_orientation(source_affine))
+    data = np.ascontiguousarray(ornt.apply_orientation(data, to_ras))
+    affine = source_affine @ ornt.inv_ornt_aff(to_ras, raw.shape)
+    return Volume(data, affine, path, source_affine, img.header.copy(), to_source)
+
+
+def to_source_orientation(reference: Volume, data_ras: np.ndarray) -> np.ndarray:
+    """Reorder a RAS+ array of the reference's shape back into the reference file's voxel order."""
+    if data_ras.shape != reference.shape:
+        raise ValueError(f"array shape {data_ras.shape} != volume shape {reference.shape}")
+    return np.ascontiguousarray(ornt.apply_orientation(data_ras, reference.to_source))
+
+
+def save_like(reference: Volume, data_ras: np.ndarray, path: str | Path, dtype=np.float32) -> Path:
+    """Write `data_ras` (RAS+, the reference's shape) as NIfTI with the reference's affine and
+    header, in the reference's voxel order. Written under a temporary name, then renamed."""
+    path = Path(path)
+    data = to_source_orientation(reference, np.asarray(data_ras)).astype(dtype, copy=False)
+    header = reference.source_header.copy()
+    header.set_data_dtype(dtype)
+    header.set_slope_inter(1.0, 0.0)
+    cls = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    img = cls(data, reference.source_affine, header=header)
+    img.header["cal_min"], img.header["cal_max"] = 0, 0
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return path
+
+
+def check_same_grid(reference: Volume, other: Volume, what: str) -> None:
+    """Segmentations and masks must share the image's voxel grid."""
+    if other.shape != reference.shape:
+        raise InputError(other.path, f"{what} shape {other.shape} differs from image shape "
+                                     f"{reference.shape} ({reference.path.name})")
+    if not np.allclose(other.affine, reference.affine, atol=1e-3):
+        raise InputError(other.path, f"{what} affine differs from the image's ({reference.path.name})")

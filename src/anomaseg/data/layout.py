@@ -1,0 +1,193 @@
+"""Find the cases of a dataset: BraTS-style case folders, a flat folder, or a decathlon datalist.
+
+A dataset is one of
+- a folder of case folders `<case>/<case>_<modality>.nii[.gz]` with optional `<case>_seg` (labels,
+  > 0 = anomalous) and `<case>_mask` (brain mask); `-` works as separator too (BraTS 2023 naming);
+- a flat folder of `*.nii[.gz]`: `<case>_<modality>`, `<case>_seg` and `<case>_mask` files are grouped
+  by case; any other file is a case of its own holding one image of unnamed modality;
+- a decathlon-style datalist JSON (`{"training": [{"image": ..., "label": ..., "mask": ...}], ...}`);
+  `image` is one path (3D, or 4D with the modalities as channels named by the file's "modality" map)
+  or a list of paths, one per modality.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from anomaseg.data.io import is_nifti, nifti_stem
+from anomaseg.errors import InputError
+
+SEG_NAMES = ("seg", "label", "labels")
+MASK_NAMES = ("mask", "brainmask", "brain_mask")
+UNNAMED = "image"  # modality of an image whose file name carries none
+
+# Names of the same MR contrast across datasets (BraTS 2023 uses t1n/t1c/t2w/t2f).
+_ALIASES = {"t2f": "flair", "t1c": "t1ce", "t1gd": "t1ce", "t1n": "t1", "t2w": "t2", "t1w": "t1"}
+
+
+def canonical_modality(name: str) -> str:
+    name = name.strip().lower()
+    return _ALIASES.get(name, name)
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    path: Path
+    channel: int | None = None  # volume index in a 4D file
+
+
+@dataclass(frozen=True)
+class Case:
+    case_id: str
+    images: dict[str, ImageRef] = field(hash=False)  # canonical modality -> file
+    seg: Path | None = None
+    mask: Path | None = None
+    source: Path | None = None  # the case folder or datalist, for error messages
+
+    def image(self, modality: str) -> ImageRef:
+        """The image of one modality; a case with a single unnamed image serves any modality."""
+        key = canonical_modality(modality)
+        if key in self.images:
+            return self.images[key]
+        if list(self.images) == [UNNAMED]:
+            return self.images[UNNAMED]
+        found = ", ".join(sorted(self.images)) or "none"
+        raise InputError(self.source or self.case_id,
+                         f"case {self.case_id!r} has no {modality!r} image (found: {found})")
+
+
+def find_cases(root: str | Path, modalities: list[str] | None = None, split: str = "training",
+               require_seg: bool = False) -> list[Case]:
+    """List the cases under `root` (folder or datalist JSON), sorted by case id.
+
+    With `modalities`, every case must have each of them (else `InputError`); with `require_seg`,
+    every case must have a segmentation.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise InputError(root, "dataset path not found")
+    if root.is_file():
+        if root.suffix.lower() != ".json":
+            raise InputError(root, "dataset must be a folder or a datalist .json file")
+        cases = _from_datalist(root, split)
+    else:
+        sub = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        case_dirs = [p for p in sub if any(is_nifti(f) for f in p.iterdir())]
+        flat = sorted(f for f in root.iterdir() if f.is_file() and is_nifti(f) and not f.name.startswith("."))
+        cases = [_from_case_dir(d) for d in case_dirs] + _from_flat(root, flat, modalities)
+        if not cases:
+            raise InputError(root, "no NIfTI cases found (expected case folders <case>/<case>_<modality>.nii.gz, "
+                                   "a flat folder of .nii/.nii.gz files, or a datalist .json)")
+    ids = [c.case_id for c in cases]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise InputError(root, f"duplicate case ids: {', '.join(dupes)}")
+    for case in cases:
+        for m in modalities or []:
+            case.image(m)
+        if require_seg and case.seg is None:
+            raise InputError(case.source or root, f"case {case.case_id!r} has no segmentation (<case>_seg.nii.gz)")
+    return sorted(cases, key=lambda c: c.case_id)
+
+
+def _split_name(stem: str, case_id: str) -> str | None:
+    """The suffix naming the modality in `<case>_<suffix>` / `<case>-<suffix>`, or None."""
+    if stem.startswith(case_id) and len(stem) > len(case_id) + 1 and stem[len(case_id)] in "_-":
+        return stem[len(case_id) + 1:].lower()
+    return None
+
+
+def _from_case_dir(folder: Path) -> Case:
+    images: dict[str, ImageRef] = {}
+    seg = mask = None
+    for f in sorted(folder.iterdir()):
+        if not (f.is_file() and is_nifti(f)) or f.name.startswith("."):
+            continue
+        suffix = _split_name(nifti_stem(f), folder.name)
+        if suffix is None:
+            # a file not named after its folder: take the text after the last separator
+            parts = re.split(r"[_-]", nifti_stem(f))
+            suffix = parts[-1].lower() if len(parts) > 1 else UNNAMED
+        if suffix in SEG_NAMES:
+            seg = f
+        elif suffix in MASK_NAMES:
+            mask = f
+        else:
+            key = canonical_modality(suffix)
+            if key in images:
+                raise InputError(f, f"two files of modality {key!r} in case folder {folder.name!r}")
+            images[key] = ImageRef(f)
+    if not images:
+        raise InputError(folder, "case folder holds no image (only segmentation/mask files)")
+    return Case(folder.name, images, seg, mask, folder)
+
+
+def _from_flat(root: Path, files: list[Path], modalities: list[str] | None) -> list[Case]:
+    wanted = {canonical_modality(m) for m in modalities or []}
+    groups: dict[str, dict] = {}
+    for f in files:
+        stem = nifti_stem(f)
+        head, sep, tail = max((stem.rpartition(s) for s in "_-"), key=lambda t: len(t[0]))
+        tail_l = tail.lower()
+        if sep and tail_l in SEG_NAMES:
+            groups.setdefault(head, {}).setdefault("seg", f)
+        elif sep and tail_l in MASK_NAMES:
+            groups.setdefault(head, {}).setdefault("mask", f)
+        elif sep and canonical_modality(tail_l) in wanted:
+            groups.setdefault(head, {}).setdefault("images", {})[canonical_modality(tail_l)] = ImageRef(f)
+        else:
+            groups.setdefault(stem, {}).setdefault("images", {})[UNNAMED] = ImageRef(f)
+    cases = []
+    for case_id, g in groups.items():
+        if not g.get("images"):
+            orphan = g.get("seg") or g.get("mask")
+            raise InputError(orphan, f"no image file belongs to this file (expected {case_id}.nii.gz "
+                                     f"or {case_id}_<modality>.nii.gz beside it)")
+        cases.append(Case(case_id, g["images"], g.get("seg"), g.get("mask"), root))
+    return cases
+
+
+def _from_datalist(path: Path, split: str) -> list[Case]:
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(path, f"datalist is not valid JSON ({exc})") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get(split), list):
+        keys = ", ".join(k for k, v in spec.items() if isinstance(v, list)) if isinstance(spec, dict) else ""
+        raise InputError(path, f"datalist has no list {split!r} (lists found: {keys or 'none'})")
+    names = [canonical_modality(v) for _, v in sorted((spec.get("modality") or {}).items(),
+                                                       key=lambda kv: int(kv[0]))]
+    base = path.parent
+    cases = []
+    for i, entry in enumerate(spec[split]):
+        if isinstance(entry, str):
+            entry = {"image": entry}
+        if not isinstance(entry, dict) or "image" not in entry:
+            raise InputError(path, f"entry {i} of {split!r} has no 'image'")
+        image = entry["image"]
+        if isinstance(image, list):
+            if names and len(names) != len(image):
+                raise InputError(path, f"entry {i}: {len(image)} images but {len(names)} modalities named")
+            keys = names or ([UNNAMED] if len(image) == 1 else [str(k) for k in range(len(image))])
+            images = {k: ImageRef(_resolve(base, p)) for k, p in zip(keys, image)}
+        elif names and len(names) > 1:
+            images = {k: ImageRef(_resolve(base, image), channel=c) for c, k in enumerate(names)}
+        else:
+            images = {names[0] if names else UNNAMED: ImageRef(_resolve(base, image))}
+        first = next(iter(images.values())).path
+        case_id = str(entry.get("id") or nifti_stem(first))
+        seg = entry.get("label") or entry.get("seg")
+        mask = entry.get("mask")
+        cases.append(Case(case_id, images, _resolve(base, seg) if seg else None,
+                          _resolve(base, mask) if mask else None, path))
+    if not cases:
+        raise InputError(path, f"datalist split {split!r} is empty")
+    return cases
+
+
+def _resolve(base: Path, p: str) -> Path:
+    q = Path(p)
+    return q if q.is_absolute() else (base / q)

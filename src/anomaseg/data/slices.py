@@ -1,0 +1,251 @@
+"""Volumes -> normalised, square 2D axial slices at the model's size, and model-size maps -> volumes.
+
+Per case and modality: intensities are scaled so that the `percentiles` (default 1st and 99th) of
+the brain voxels map to 0 and 1 (voxels outside the brain are 0; values are clipped to
+[0, `clip_max`] so that hyper-intense lesions stay above healthy tissue without letting single
+outliers dominate). Each axial slice (RAS+, `data[:, :, k]`) is zero-padded to a square (never
+stretched) and resized to `image_size`. Slices whose brain area is below `min_brain_fraction` of the
+volume's largest axial brain area are outside the model's domain: not trained on, and scored with
+the lowest value of the case. Preprocessed cases are cached on disk, keyed by the files' paths,
+sizes and modification times and by the preprocessing settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from anomaseg.atomic import atomic_path
+from anomaseg.data.io import Volume, check_same_grid, load_volume
+from anomaseg.data.layout import Case
+from anomaseg.errors import InputError
+
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    """How volumes become model inputs (the `data` part of a run's config)."""
+
+    modalities: tuple[str, ...] = ("flair",)
+    image_size: int = 128
+    percentiles: tuple[float, float] = (1.0, 99.0)
+    clip_max: float = 2.0
+    min_brain_fraction: float = 0.25
+
+    def __post_init__(self):
+        size = self.image_size
+        if size < 32 or size & (size - 1):
+            raise ValueError(f"image_size must be a power of two >= 32, got {size}")
+        if not self.modalities:
+            raise ValueError("at least one modality is needed")
+        lo, hi = self.percentiles
+        if not 0 <= lo < hi <= 100:
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}")
+
+
+@dataclass(frozen=True)
+class SliceGeometry:
+    """Where the model-size slices sit in the RAS+ volume."""
+
+    shape: tuple[int, int, int]  # RAS+ volume shape (X, Y, Z)
+    side: int  # square side after padding
+    pad: tuple[int, int]  # zeros added before X and before Y
+    size: int  # model input size
+
+    @classmethod
+    def for_shape(cls, shape, size: int) -> "SliceGeometry":
+        x, y, _ = shape
+        side = max(x, y)
+        return cls(tuple(int(s) for s in shape), side, ((side - x) // 2, (side - y) // 2), size)
+
+    def to_slices(self, volume: np.ndarray, mode: str = "bilinear") -> torch.Tensor:
+        """(X, Y, Z) or (C, X, Y, Z) -> (Z, C, size, size) float32."""
+        v = torch.as_tensor(np.asarray(volume, dtype=np.float32))
+        if v.ndim == 3:
+            v = v[None]
+        v = v.permute(3, 0, 1, 2)  # Z, C, X, Y
+        x, y, _ = self.shape
+        px, py = self.pad
+        v = F.pad(v, (py, self.side - y - py, px, self.side - x - px))
+        if self.side != self.size:
+            if mode == "nearest":
+                v = F.interpolate(v, size=(self.size, self.size), mode="nearest")
+            else:
+                v = F.interpolate(v, size=(self.size, self.size), mode="bilinear", align_corners=False,
+                                  antialias=self.side > self.size)
+        return v.contiguous()
+
+    def to_volume(self, slices: torch.Tensor | np.ndarray) -> np.ndarray:
+        """(Z, size, size) or (Z, 1, size, size) maps -> (X, Y, Z) float32 volume (bilinear)."""
+        s = torch.as_tensor(slices, dtype=torch.float32)
+        if s.ndim == 3:
+            s = s[:, None]
+        if self.side != self.size:
+            s = F.interpolate(s, size=(self.side, self.side), mode="bilinear", align_corners=False)
+        x, y, _ = self.shape
+        px, py = self.pad
+        s = s[:, 0, px:px + x, py:py + y]
+        return s.permute(1, 2, 0).contiguous().numpy()
+
+
+@dataclass
+class PreparedCase:
+    """A case ready for the model: model-size slices plus native-resolution mask and label."""
+
+    case_id: str
+    images: np.ndarray  # (Z, C, S, S) float16, normalised
+    masks: np.ndarray  # (Z, S, S) bool, brain at model size
+    labels: np.ndarray | None  # (Z, S, S) bool, anomalous at model size
+    keep: np.ndarray  # (Z,) bool, slice in the model's domain
+    geometry: SliceGeometry
+    brain: np.ndarray  # (X, Y, Z) bool, RAS+ native brain mask
+    truth: np.ndarray | None  # (X, Y, Z) bool, RAS+ native anomalous voxels
+    reference: Path  # the first image file: header/affine/orientation for outputs
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def slice_labels(self) -> np.ndarray | None:
+        """Per slice: does it hold an anomalous voxel (native resolution)?"""
+        return None if self.truth is None else self.truth.any(axis=(0, 1))
+
+
+def normalise(data: np.ndarray, brain: np.ndarray, spec: SliceSpec) -> np.ndarray:
+    lo, hi = np.percentile(data[brain], spec.percentiles)
+    if hi <= lo:
+        hi = lo + 1.0  # constant image: avoid a division by zero; everything maps to 0
+    out = (data - lo) / (hi - lo)
+    np.clip(out, 0.0, spec.clip_max, out=out)
+    out[~brain] = 0.0
+    return out.astype(np.float32)
+
+
+def load_case_volumes(case: Case, spec: SliceSpec) -> tuple[list[Volume], np.ndarray, np.ndarray | None]:
+    """Read and check a case's images, brain mask and segmentation (RAS+)."""
+    vols = []
+    for m in spec.modalities:
+        ref = case.image(m)
+        vols.append(load_volume(ref.path, channel=ref.channel, kind="image"))
+    first = vols[0]
+    for v in vols[1:]:
+        check_same_grid(first, v, "image")
+    if case.mask is not None:
+        mask_vol = load_volume(case.mask, kind="mask")
+        check_same_grid(first, mask_vol, "brain mask")
+        brain = mask_vol.data > 0
+        where = case.mask
+    else:
+        brain = np.zeros(first.shape, bool)
+        for v in vols:
+            brain |= v.data != 0
+        where = first.path
+    if not brain.any():
+        raise InputError(where, "brain mask is empty" if case.mask is not None
+                         else "image is all zeros: no brain voxels (and no <case>_mask file)")
+    truth = None
+    if case.seg is not None:
+        seg_vol = load_volume(case.seg, kind="segmentation")
+        check_same_grid(first, seg_vol, "segmentation")
+        truth = seg_vol.data > 0
+    return vols, brain, truth
+
+
+def prepare_case(case: Case, spec: SliceSpec) -> PreparedCase:
+    vols, brain, truth = load_case_volumes(case, spec)
+    geometry = SliceGeometry.for_shape(vols[0].shape, spec.image_size)
+    stack = np.stack([normalise(v.data, brain, spec) for v in vols])
+    images = geometry.to_slices(stack).to(torch.float16).numpy()
+    masks = geometry.to_slices(brain).squeeze(1).numpy() > 0.5
+    labels = None if truth is None else geometry.to_slices(truth).squeeze(1).numpy() > 0.5
+    area = brain.sum(axis=(0, 1))
+    keep = area >= spec.min_brain_fraction * area.max()
+    return PreparedCase(case.case_id, images, masks, labels, keep, geometry, brain, truth, vols[0].path,
+                        {"spacing": vols[0].spacing})
+
+
+class CaseCache:
+    """Preprocessed cases on disk (one .npz per case), so a second run does not re-read NIfTI files."""
+
+    def __init__(self, folder: str | Path | None):
+        self.folder = None if folder is None else Path(folder)
+
+    @staticmethod
+    def default_folder() -> Path:
+        if os.environ.get("ANOMASEG_CACHE"):
+            return Path(os.environ["ANOMASEG_CACHE"])
+        return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "anomaseg"
+
+    def key(self, case: Case, spec: SliceSpec) -> str:
+        files = [case.image(m).path for m in spec.modalities] + [p for p in (case.mask, case.seg) if p]
+        stamp = []
+        for f in files:
+            st = f.stat()
+            stamp.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+        channels = [case.image(m).channel for m in spec.modalities]
+        blob = json.dumps([CACHE_VERSION, asdict(spec), stamp, channels], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+    def get(self, case: Case, spec: SliceSpec) -> PreparedCase:
+        if self.folder is None:
+            return prepare_case(case, spec)
+        try:
+            path = self.folder / f"{case.case_id}-{self.key(case, spec)}.npz"
+        except OSError as exc:
+            raise InputError(case.source or case.case_id, f"cannot read case files ({exc})") from None
+        if path.exists():
+            try:
+                return _read_prepared(path, case)
+            except (OSError, ValueError, KeyError, EOFError):
+                path.unlink(missing_ok=True)  # a damaged cache entry is rebuilt, never trusted
+        prepared = prepare_case(case, spec)
+        try:
+            _write_prepared(path, prepared)
+        except OSError:
+            pass  # a read-only or full cache folder only costs speed
+        return prepared
+
+
+def _write_prepared(path: Path, p: PreparedCase) -> None:
+    arrays = dict(images=p.images, masks=p.masks, keep=p.keep, brain=np.packbits(p.brain),
+                  geometry=np.array(json.dumps(asdict(p.geometry))), meta=np.array(json.dumps(p.meta)),
+                  reference=np.array(str(p.reference)))
+    if p.labels is not None:
+        arrays.update(labels=p.labels, truth=np.packbits(p.truth))
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez(tmp, **arrays)
+
+
+def _read_prepared(path: Path, case: Case) -> PreparedCase:
+    with np.load(path) as z:
+        g = json.loads(str(z["geometry"]))
+        geometry = SliceGeometry(tuple(g["shape"]), g["side"], tuple(g["pad"]), g["size"])
+        n = int(np.prod(geometry.shape))
+        unpack = lambda a: np.unpackbits(a, count=n).reshape(geometry.shape).astype(bool)  # noqa: E731
+        has_labels = "labels" in z.files
+        return PreparedCase(case.case_id, z["images"], z["masks"], z["labels"] if has_labels else None,
+                            z["keep"], geometry, unpack(z["brain"]),
+                            unpack(z["truth"]) if has_labels else None, Path(str(z["reference"])),
+                            json.loads(str(z["meta"])))
+
+
+def prepare_cases(cases: list[Case], spec: SliceSpec, cache: CaseCache | None = None,
+                  progress: bool = True, desc: str = "preparing cases") -> list[PreparedCase]:
+    from tqdm.auto import tqdm
+
+    cache = cache or CaseCache(None)
+    return [cache.get(c, spec) for c in tqdm(cases, desc=desc, unit="case", disable=not progress, leave=False)]
+
+
+def training_slices(cases: list[PreparedCase]) -> torch.Tensor:
+    """All in-domain slices of healthy cases, (N, C, S, S) float16."""
+    chunks = [c.images[c.keep] for c in cases]
+    if not chunks or sum(len(c) for c in chunks) == 0:
+        raise ValueError("no training slices: every slice has too little brain")
+    return torch.from_numpy(np.concatenate(chunks))

@@ -1,0 +1,17 @@
+"""The one exception type users see: a problem with their input, named with the file it concerns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class InputError(Exception):
+    """Bad input (file, folder, configuration). The CLI prints it as one line and exits non-zero.
+
+    `path` is the file or folder at fault; the message says what is wrong with it.
+    """
+
+    def __init__(self, path: str | Path | None, problem: str):
+        self.path = None if path is None else Path(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if self.path is not None else problem)

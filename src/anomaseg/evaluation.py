@@ -1,0 +1,188 @@
+"""`anomaseg evaluate`: stream metrics of one or several predictors over a labelled test set.
+
+Per predictor (all of them share one pass over the data: each case is read once):
+- voxel metrics over the whole test set, only voxels inside the brain mask count: pixel AUROC,
+  pixel AUPRC and the best-possible Dice over thresholds of the post-processed map (Baur et al.'s
+  "best Dice"; small-component removal is not applied inside that sweep), from `VoxelMetrics`;
+- `dice_at_threshold`: Dice of the actual segmentations (healthy-calibrated threshold, small
+  components removed), pooled over all test voxels; per case the same Dice in `per_case`;
+- `image_auroc`: slice level; an axial slice with brain is anomalous if it holds a label voxel, and
+  its score is the mean of the highest 1% of its post-processed map values in the brain.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from anomaseg.atomic import atomic_dir, write_text
+from anomaseg.data.io import load_volume, save_like
+from anomaseg.metrics import VoxelMetrics, binary_auprc, binary_auroc, dice_score
+from anomaseg.report import CaseOverlay, write_report
+from anomaseg.run import load_model
+from anomaseg.scoring import (OUTPUT_MARKER, Scorer, _check_output_dir, _prepare_one, _test_cases, calibrate,
+                              resolve_predictors)
+
+N_OVERLAYS = 2  # best and worst cases shown in the report
+
+
+def slice_scores(smoothed: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """One score per axial slice that holds brain (see module docstring)."""
+    zs = np.flatnonzero(brain.any(axis=(0, 1)))
+    maps = torch.from_numpy(np.ascontiguousarray(np.moveaxis(smoothed[:, :, zs], 2, 0)))
+    masks = torch.from_numpy(np.ascontiguousarray(np.moveaxis(brain[:, :, zs], 2, 0)))
+    from anomaseg.predictors.base import top_fraction_mean
+
+    return top_fraction_mean(maps, masks).numpy()
+
+
+@dataclass
+class PredictorTally:
+    """Everything one predictor accumulates over the test set (memory independent of its size)."""
+
+    scorer: Scorer
+    voxels: VoxelMetrics = field(default_factory=VoxelMetrics)
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+    slice_scores: list = field(default_factory=list)
+    slice_labels: list = field(default_factory=list)
+    per_case: list = field(default_factory=list)
+    views: list = field(default_factory=list)  # (dice, case_id, display arrays) for the report
+
+    def add(self, case, smoothed: np.ndarray, seg: np.ndarray, model) -> None:
+        brain, truth = case.brain, case.truth
+        self.voxels.update(smoothed[brain], truth[brain])
+        pred, gt = seg[brain] > 0, truth[brain]
+        tp = int(np.count_nonzero(pred & gt))
+        fp, fn = int(np.count_nonzero(pred)) - tp, int(np.count_nonzero(gt)) - tp
+        self.tp, self.fp, self.fn = self.tp + tp, self.fp + fp, self.fn + fn
+        zs = brain.any(axis=(0, 1))
+        self.slice_scores.append(slice_scores(smoothed, brain))
+        self.slice_labels.append(truth.any(axis=(0, 1))[zs])
+        case_metrics = VoxelMetrics(bits=16)
+        case_metrics.update(smoothed[brain], gt)
+        auroc = case_metrics.compute()["pixel_auroc"]
+        dice = dice_score(pred, gt)
+        self.per_case.append({"case_id": case.case_id, "dice": dice, "pixel_auroc": auroc,
+                              "lesion_voxels": int(gt.sum()), "predicted_voxels": int(pred.sum())})
+        self.views.append((dice, case.case_id, _display(case, smoothed, seg, model)))
+        self.views.sort(key=lambda v: v[0])
+        if len(self.views) > 2 * N_OVERLAYS:  # keep only the current best and worst
+            del self.views[N_OVERLAYS:-N_OVERLAYS]
+
+    def metrics(self) -> dict:
+        m = self.voxels.compute()
+        denom = 2 * self.tp + self.fp + self.fn
+        scores, labels = np.concatenate(self.slice_scores), np.concatenate(self.slice_labels)
+        two_classes = 0 < labels.sum() < len(labels)
+        return {
+            "pixel_auroc": m["pixel_auroc"], "pixel_auprc": m["pixel_auprc"],
+            "dice_best": m["dice_best"], "dice_best_threshold": m["dice_best_threshold"],
+            "dice_at_threshold": 2 * self.tp / denom if denom else 1.0,
+            "image_auroc": binary_auroc(scores, labels) if two_classes else math.nan,
+            "image_auprc": binary_auprc(scores, labels) if two_classes else math.nan,
+            "threshold": self.scorer.post.threshold_,
+            "predictor": self.scorer.predictor.name,
+            "n_cases": len(self.per_case), "n_voxels": m["n_voxels"], "n_anomalous_voxels": m["n_positive"],
+            "n_slices": int(len(labels)), "n_anomalous_slices": int(labels.sum()),
+            "per_case": self.per_case,
+        }
+
+
+def _display(case, smoothed, seg, model) -> CaseOverlay | None:
+    """The axial slice with the most lesion (or predicted) voxels, at model size, anterior up."""
+    area = case.truth.sum(axis=(0, 1)) if case.truth.any() else seg.sum(axis=(0, 1))
+    z = int(np.argmax(area)) if area.any() else case.truth.shape[2] // 2
+    g = case.geometry
+    to2d = lambda vol, mode="bilinear": g.to_slices(vol[:, :, z:z + 1].astype(np.float32), mode)[0, 0].numpy()  # noqa: E731
+    show = lambda a: np.ascontiguousarray(a.T[::-1])  # noqa: E731  (x, y) -> rows = y flipped
+    image = case.images[z, 0].astype(np.float32)
+    with torch.no_grad():
+        x = torch.from_numpy(case.images[z:z + 1].astype(np.float32))
+        device = next(model.parameters()).device
+        recon = model.reconstruct(x.to(device))[0, 0].float().cpu().numpy()
+    return CaseOverlay(case.case_id, 0.0, show(image), show(recon), show(to2d(smoothed)),
+                       show(to2d(seg, "nearest") > 0.5), show(to2d(case.truth, "nearest") > 0.5))
+
+
+def evaluate_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path, predictors: str | None = None,
+                     save_maps: bool = False, progress: bool = True) -> dict:
+    """Evaluate the run on a labelled test set; returns the metrics of the first predictor (or the
+    summary of all). Writes OUT/metrics.json and OUT/report.html (one predictor), or one subfolder
+    per predictor plus OUT/summary.json and OUT/report.html (several)."""
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    _check_output_dir(out_dir)
+    model, config = load_model(run_dir)
+    cases, spec = _test_cases(run_dir, data, config, require_seg=True)
+    tallies = {}
+    for name in resolve_predictors(run_dir, predictors):
+        scorer = calibrate(run_dir, name, None if name is None else {}, progress)
+        tallies[scorer.predictor.name] = PredictorTally(scorer)
+    model = next(iter(tallies.values())).scorer.model
+    with atomic_dir(out_dir) as tmp:
+        for case in tqdm(cases, desc="evaluating", unit="case", disable=not progress):
+            prepared = _prepare_one(case, spec, config)
+            ref = load_volume(prepared.reference, header_only=True) if save_maps else None
+            for name, tally in tallies.items():
+                smoothed = tally.scorer.smoothed_volume(prepared)
+                seg = tally.scorer.post.segment(smoothed)
+                tally.add(prepared, smoothed, seg, model)
+                if save_maps:
+                    sub = tmp / "maps" / (name if len(tallies) > 1 else "")
+                    save_like(ref, smoothed, sub / f"{case.case_id}_anomaly_map.nii.gz", np.float32)
+                    save_like(ref, seg, sub / f"{case.case_id}_segmentation.nii.gz", np.uint8)
+        results = {}
+        for name, tally in tallies.items():
+            folder = tmp if len(tallies) == 1 else tmp / name
+            results[name] = _write_results(folder, tally, run_dir, data)
+        if len(tallies) > 1:
+            summary = {name: {k: v for k, v in r.items() if k != "per_case"} for name, r in results.items()}
+            write_text(tmp / "summary.json", json.dumps(_jsonable(summary), indent=1))
+            write_text(tmp / "summary.md", summary_table(summary))
+        (tmp / OUTPUT_MARKER).touch()
+    return results[next(iter(results))] if len(results) == 1 else results
+
+
+def _write_results(folder: Path, tally: PredictorTally, run_dir, data) -> dict:
+    metrics = tally.metrics()
+    metrics["run"], metrics["data"] = str(Path(run_dir).resolve()), str(Path(data).resolve())
+    write_text(folder / "metrics.json", json.dumps(_jsonable(metrics), indent=1))
+    overlays = []
+    for dice, case_id, view in tally.views:
+        if view is not None:
+            view.dice = dice
+            overlays.append(view)
+    overlays.sort(key=lambda v: -v.dice)
+    scalars = {k: v for k, v in metrics.items() if k != "per_case"}
+    write_report(folder / "report.html", scalars, tally.voxels.curves(), metrics["per_case"], overlays,
+                 title=f"anomaseg evaluation: {metrics['predictor']}")
+    return metrics
+
+
+def summary_table(summary: dict) -> str:
+    keys = ["pixel_auroc", "pixel_auprc", "dice_best", "dice_at_threshold", "image_auroc"]
+    lines = ["| predictor | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, r in summary.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _jsonable(obj):
+    """NaN -> null so metrics.json stays strict JSON."""
+    if isinstance(obj, float):
+        return None if math.isnan(obj) else obj
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return _jsonable(obj.item())
+    return obj

@@ -1,0 +1,59 @@
+"""What every model offers the training loop and the predictors."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, ContextManager, NamedTuple
+
+import torch
+import torch.nn as nn
+
+
+class ModelOutput(NamedTuple):
+    """The one return type of every model's forward, in train and eval mode alike."""
+
+    recon: torch.Tensor  # (B, C, H, W) reconstruction
+    mu: torch.Tensor | None = None  # posterior mean (VAEs)
+    logvar: torch.Tensor | None = None  # posterior log-variance (VAEs)
+
+
+class AnomalyModel(nn.Module):
+    """A plain nn.Module that reconstructs its input.
+
+    Subclasses implement `forward(x) -> ModelOutput` and `loss(x, out) -> dict` (named terms, the
+    total under "loss"). Models trained by more than one optimiser (GANs) override
+    `make_optimizers` and `training_step`; the training loop itself stays generic.
+    """
+
+    in_channels: int
+    hparams: dict
+
+    def loss(self, x: torch.Tensor, out: ModelOutput) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def make_optimizers(self, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> dict[str, torch.optim.Optimizer]:
+        return {"model": torch.optim.Adam(self.parameters(), lr=lr, betas=betas)}
+
+    def training_step(self, x: torch.Tensor, optimizers: dict, backward: Callable[[torch.Tensor], None],
+                      autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, float]:
+        """One optimisation step on a batch; returns the loss terms as floats for logging.
+
+        `backward` runs the backward pass (the training loop passes Fabric's) and `autocast` opens the
+        mixed-precision context for forward computations.
+        """
+        opt = optimizers["model"]
+        with autocast():
+            out = self(x)
+            losses = self.loss(x, out)
+        opt.zero_grad(set_to_none=True)
+        backward(losses["loss"])
+        opt.step()
+        return {k: float(v.detach()) for k, v in losses.items()}
+
+    @torch.no_grad()
+    def validation_losses(self, x: torch.Tensor) -> dict[str, float]:
+        out = self(x)
+        return {k: float(v) for k, v in self.loss(x, out).items()}
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x).recon

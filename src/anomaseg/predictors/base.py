@@ -1,0 +1,129 @@
+"""The predictor contract (scikit-learn style) and the predictor registry.
+
+A predictor turns a trained model and an image batch into a per-pixel anomaly map:
+
+- `__init__(**hyper_parameters)` only stores them;
+- `fit(model, healthy_batches)` calibrates whatever the predictor needs on healthy data into
+  attributes ending in `_` and returns self (most predictors need nothing);
+- `anomaly_map(model, x) -> (B, 1, H, W)`: higher = more anomalous (the opposite sign of
+  scikit-learn's `score_samples`);
+- `score(model, x, mask) -> (B,)`: one anomaly score per image, higher = more anomalous.
+
+`requires` names what the predictor needs from a model: "recon" (a reconstruction; every model) or
+"vae" (a posterior: `encode` returning (mu, logvar), `decode`, and a KL weight `beta`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Iterable
+
+import torch
+
+TOP_FRACTION = 0.01  # image score: mean of the highest 1% of the map inside the brain
+
+
+def top_fraction_mean(maps: torch.Tensor, mask: torch.Tensor | None = None,
+                      fraction: float = TOP_FRACTION) -> torch.Tensor:
+    """Per image: mean of the highest `fraction` of map values (inside `mask`). (B, ...) -> (B,).
+
+    A mean of the top values rather than the maximum: one hot pixel should not decide an image.
+    """
+    flat = maps.flatten(1).float()
+    m = torch.ones_like(flat, dtype=torch.bool) if mask is None else mask.flatten(1).bool()
+    counts = m.sum(1)
+    k_each = (counts.float() * fraction).ceil().clamp(min=1)
+    k = min(int(k_each.max()), flat.shape[1])
+    top = torch.where(m, flat, torch.full_like(flat, -torch.inf)).topk(k, dim=1).values
+    rank = torch.arange(k, device=flat.device)[None]
+    use = (rank < k_each[:, None]) & (rank < counts[:, None])  # an empty mask scores 0
+    return torch.where(use, top, torch.zeros_like(top)).sum(1) / use.sum(1).clamp(min=1)
+
+
+def model_capabilities(model) -> set[str]:
+    caps = {"recon"}
+    if getattr(model, "variational", False) and hasattr(model, "encode") and hasattr(model, "decode"):
+        caps.add("vae")
+    return caps
+
+
+class Predictor:
+    name: ClassVar[str] = ""
+    requires: ClassVar[tuple[str, ...]] = ("recon",)
+
+    def fit(self, model, healthy_batches: Iterable[torch.Tensor]) -> "Predictor":
+        return self
+
+    def anomaly_map(self, model, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score(self, model, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return top_fraction_mean(self.anomaly_map(model, x), mask)
+
+    def supports(self, model) -> bool:
+        return set(self.requires) <= model_capabilities(model)
+
+    def get_params(self) -> dict:
+        return {k: v for k, v in vars(self).items() if not k.endswith("_") and not k.startswith("_")}
+
+    def fitted_state(self) -> dict:
+        """Learned attributes (ending in `_`) as plain Python values, for calibration.json."""
+        out = {}
+        for k, v in vars(self).items():
+            if k.endswith("_") and not k.startswith("_"):
+                out[k] = v.tolist() if isinstance(v, torch.Tensor) else v
+        return out
+
+    def load_fitted_state(self, state: dict) -> "Predictor":
+        for k, v in state.items():
+            setattr(self, k, v)
+        return self
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({params})"
+
+
+@dataclass(frozen=True)
+class PredictorEntry:
+    name: str
+    cls: Callable[..., Predictor]
+    description: str
+
+
+_REGISTRY: dict[str, PredictorEntry] = {}
+
+
+def register_predictor(name: str, *, description: str):
+    def decorator(cls):
+        if name in _REGISTRY:
+            raise ValueError(f"predictor {name!r} is already registered")
+        cls.name = name
+        _REGISTRY[name] = PredictorEntry(name, cls, description)
+        return cls
+
+    return decorator
+
+
+def _ensure_builtin() -> None:
+    from anomaseg.predictors import residual  # noqa: F401
+
+
+def list_predictors() -> list[str]:
+    _ensure_builtin()
+    return sorted(_REGISTRY)
+
+
+def predictor_entry(name: str) -> PredictorEntry:
+    _ensure_builtin()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown predictor {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def create_predictor(name: str, **params) -> Predictor:
+    entry = predictor_entry(name)
+    try:
+        return entry.cls(**params)
+    except TypeError as exc:
+        raise TypeError(f"predictor {name!r}: {exc}") from None

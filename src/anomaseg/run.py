@@ -1,0 +1,96 @@
+"""The run folder: what `anomaseg train` writes and `score` / `evaluate` read.
+
+    RUN/config.yaml            resolved configuration (reproduces the run)
+    RUN/split.json             which healthy cases were trained on and which were held out
+    RUN/checkpoints/last.pt    model + optimiser state after the last finished epoch (resume)
+    RUN/checkpoints/best.pt    model with the lowest validation loss (used for scoring)
+    RUN/history.json           per-epoch losses and throughput
+    RUN/samples/epoch_NNN.png  held-out slices (top) and their reconstructions (bottom)
+    RUN/calibration.json       per predictor: fitted state and the healthy-calibrated threshold
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from anomaseg import config as cfg
+from anomaseg.errors import InputError
+from anomaseg.models import create_model
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def split(self) -> Path:
+        return self.root / "split.json"
+
+    @property
+    def last(self) -> Path:
+        return self.root / "checkpoints" / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "checkpoints" / "best.pt"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "history.json"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples"
+
+    @property
+    def calibration(self) -> Path:
+        return self.root / "calibration.json"
+
+
+def load_run_config(run_dir: str | Path) -> cfg.RunConfig:
+    paths = RunPaths(Path(run_dir))
+    if not paths.root.is_dir():
+        raise InputError(paths.root, "run folder not found")
+    if not paths.config.is_file():
+        raise InputError(paths.root, "not a run folder (no config.yaml): train one with `anomaseg train`")
+    return cfg.RunConfig.from_dict(cfg.load_yaml(paths.config), paths.config)
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise InputError(path, "checkpoint not found (has training finished an epoch?)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for damaged files
+        raise InputError(path, f"checkpoint is corrupt or unreadable ({exc.__class__.__name__}: {exc})") from None
+
+
+def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
+    hp = dict(ckpt["hparams"])
+    model = create_model(hp.pop("name"), **hp)
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+def load_model(run_dir: str | Path, which: str = "best") -> tuple[torch.nn.Module, cfg.RunConfig]:
+    """The trained model of a run (eval mode, on the CPU) and the run's configuration."""
+    config = load_run_config(run_dir)
+    paths = RunPaths(Path(run_dir))
+    path = paths.best if which == "best" and paths.best.exists() else paths.last
+    model = model_from_checkpoint(load_checkpoint(path))
+    return model.eval(), config
+
+
+def load_split(run_dir: str | Path) -> dict:
+    path = RunPaths(Path(run_dir)).split
+    if not path.is_file():
+        raise InputError(path, "run has no split.json")
+    return json.loads(path.read_text())

@@ -1,0 +1,194 @@
+"""From a trained run to anomaly maps, segmentations and metrics, one case at a time.
+
+`Scorer` runs a predictor over a case's in-domain slices, maps the result back to the case's
+voxel grid and post-processes it. `calibrate` fits predictor and threshold on the run's held-out
+healthy cases (never on test data) and stores them in RUN/calibration.json; `score_dataset`
+writes NIfTI maps and segmentations; `evaluate_dataset` streams metrics over a labelled test set
+and writes metrics.json and report.html. Several predictors share one pass over the data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from anomaseg import config as cfg
+from anomaseg.atomic import atomic_dir, write_text
+from anomaseg.data.io import load_volume, save_like
+from anomaseg.data.layout import find_cases
+from anomaseg.data.slices import PreparedCase, SliceSpec, prepare_cases
+from anomaseg.errors import InputError
+from anomaseg.postprocess import PostProcessor
+from anomaseg.predictors.base import Predictor, create_predictor, list_predictors, top_fraction_mean
+from anomaseg.run import RunPaths, load_model, load_split
+from anomaseg.runtime import autocast, default_device, fabric_precision
+from anomaseg.training import cache_for
+
+OUTPUT_MARKER = ".anomaseg-output"
+
+
+def predictor_key(name: str, params: dict) -> str:
+    if not params:
+        return name
+    return name + "(" + ",".join(f"{k}={params[k]}" for k in sorted(params)) + ")"
+
+
+def make_postprocessor(score: cfg.ScoreConfig) -> PostProcessor:
+    return PostProcessor(score.median_size, score.erosion, score.min_component_size, score.healthy_fpr)
+
+
+@dataclass
+class Scorer:
+    """Runs one predictor of a model over prepared cases and post-processes the maps."""
+
+    model: torch.nn.Module
+    predictor: Predictor
+    post: PostProcessor
+    batch_size: int = 64
+    device: str = field(default_factory=default_device)
+    precision: str = "auto"
+
+    def __post_init__(self):
+        self.model = self.model.to(self.device).eval()
+        self._fabric_precision = fabric_precision(self.precision, self.device)
+
+    def _batches(self, images: np.ndarray):
+        for i in range(0, len(images), self.batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[i:i + self.batch_size])).float()
+            yield x.to(self.device).contiguous(memory_format=torch.channels_last)
+
+    def slice_maps(self, case: PreparedCase) -> np.ndarray:
+        """Raw maps (Z, S, S) at model size; slices outside the model's domain get the case minimum."""
+        out = np.zeros((len(case.keep),) + case.images.shape[-2:], np.float32)
+        maps = []
+        with autocast(self.device, self._fabric_precision):
+            for x in self._batches(case.images[case.keep]):
+                maps.append(self.predictor.anomaly_map(self.model, x)[:, 0].float().cpu().numpy())
+        if maps:
+            kept = np.concatenate(maps)
+            out[case.keep] = kept
+            out[~case.keep] = kept.min()
+        return out
+
+    def smoothed_volume(self, case: PreparedCase) -> np.ndarray:
+        """Post-processed anomaly map on the case's RAS+ voxel grid."""
+        return self.post.smooth(case.geometry.to_volume(self.slice_maps(case)), case.brain)
+
+    def fit(self, healthy: list[PreparedCase], progress: bool = False) -> "Scorer":
+        """Fit the predictor on healthy slices, then the threshold on their post-processed maps."""
+        from tqdm.auto import tqdm
+
+        def batches():
+            for c in healthy:
+                yield from self._batches(c.images[c.keep])
+
+        with autocast(self.device, self._fabric_precision):
+            self.predictor.fit(self.model, batches())
+        cases = tqdm(healthy, desc=f"calibrating {self.predictor.name}", unit="case", disable=not progress, leave=False)
+        self.post.fit((self.smoothed_volume(c), c.brain) for c in cases)
+        return self
+
+
+# --------------------------------------------------------------------------- calibration
+def calibrate(run_dir: str | Path, predictor: str | None = None, params: dict | None = None,
+              progress: bool = True, force: bool = False) -> Scorer:
+    """A fitted Scorer for a run: read from RUN/calibration.json, or fitted on the run's held-out
+    healthy cases and stored there."""
+    model, config = load_model(run_dir)
+    name = predictor or config.score.predictor
+    params = dict(config.score.predictor_params if predictor is None else (params or {}))
+    key = predictor_key(name, params)
+    paths = RunPaths(Path(run_dir))
+    store = json.loads(paths.calibration.read_text()) if paths.calibration.exists() else {}
+    post_settings = make_postprocessor(config.score)
+    pred = create_predictor(name, **params)
+    if not pred.supports(model):
+        raise InputError(paths.root, f"predictor {name!r} needs a model with {', '.join(pred.requires)}; "
+                                     f"{config.model.name} has not")
+    scorer = Scorer(model, pred, post_settings, config.score.batch_size, precision=config.train.precision)
+    entry = store.get(key)
+    if entry and not force and entry.get("postprocess") == vars_of(post_settings):
+        pred.load_fitted_state(entry["predictor_state"])
+        scorer.post.threshold_ = entry["threshold"]
+        return scorer
+
+    split = load_split(run_dir)
+    ids = split["val"] or split["train"]
+    if not split["val"]:
+        print("warning: the run held out no healthy cases; calibrating on training cases (threshold biased low)")
+    cases = [c for c in find_cases(config.train_dir, config.data.modalities) if c.case_id in set(ids)]
+    prepared = prepare_cases(cases, config.data.slice_spec(), cache_for(config), progress, "preparing calibration cases")
+    scorer.fit(prepared, progress)
+    store[key] = {"predictor": name, "params": params, "predictor_state": pred.fitted_state(),
+                  "postprocess": vars_of(post_settings), "threshold": scorer.post.threshold_,
+                  "healthy_fpr": config.score.healthy_fpr, "calibration_cases": ids,
+                  "n_calibration_voxels": scorer.post.n_calibration_voxels_}
+    write_text(paths.calibration, json.dumps(store, indent=1))
+    return scorer
+
+
+def vars_of(post: PostProcessor) -> dict:
+    return {k: v for k, v in vars(post).items() if not k.endswith("_")}
+
+
+def resolve_predictors(run_dir: str | Path, names: str | None) -> list[str]:
+    """'residual' / 'residual,grad_kl' / 'all' (every predictor the run's model supports)."""
+    if not names:
+        return [None]  # the run's configured predictor
+    model, _ = load_model(run_dir)
+    if names == "all":
+        return [n for n in list_predictors() if create_predictor(n).supports(model)]
+    out = [n.strip() for n in names.split(",") if n.strip()]
+    for n in out:
+        if n not in list_predictors():
+            raise InputError(None, f"unknown predictor {n!r}; available: {', '.join(list_predictors())}, all")
+    return out
+
+
+# --------------------------------------------------------------------------- outputs
+def _check_output_dir(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / OUTPUT_MARKER).exists())):
+        raise InputError(out, "output folder exists and was not written by anomaseg; choose another --out")
+
+
+def _test_cases(run_dir, data, config: cfg.RunConfig, require_seg: bool):
+    cases = find_cases(data, config.data.modalities, require_seg=require_seg)
+    return cases, config.data.slice_spec()
+
+
+def _prepare_one(case, spec: SliceSpec, config):
+    return prepare_cases([case], spec, cache_for(config), progress=False)[0]
+
+
+def score_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path, predictor: str | None = None,
+                  progress: bool = True) -> list[dict]:
+    """Write `<case>_anomaly_map.nii.gz` (float32) and `<case>_segmentation.nii.gz` (uint8) per case,
+    on the input's grid, affine and header. The output folder appears only when complete."""
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    _check_output_dir(out_dir)
+    config = load_model(run_dir)[1]
+    cases, spec = _test_cases(run_dir, data, config, require_seg=False)
+    scorer = calibrate(run_dir, predictor, None if predictor is None else {}, progress)
+    rows = []
+    with atomic_dir(out_dir) as tmp:
+        for case in tqdm(cases, desc="scoring", unit="case", disable=not progress):
+            prepared = _prepare_one(case, spec, config)
+            smoothed = scorer.smoothed_volume(prepared)
+            seg = scorer.post.segment(smoothed)
+            ref = load_volume(prepared.reference, header_only=True)
+            save_like(ref, smoothed, tmp / f"{case.case_id}_anomaly_map.nii.gz", np.float32)
+            save_like(ref, seg, tmp / f"{case.case_id}_segmentation.nii.gz", np.uint8)
+            rows.append({"case_id": case.case_id, "anomalous_voxels": int(seg.sum()),
+                         "max_anomaly": float(smoothed.max())})
+        summary = {"run": str(Path(run_dir).resolve()), "data": str(Path(data).resolve()),
+                   "predictor": scorer.predictor.name, "threshold": scorer.post.threshold_, "cases": rows}
+        write_text(tmp / "scores.json", json.dumps(summary, indent=1))
+        (tmp / OUTPUT_MARKER).touch()
+    return rows

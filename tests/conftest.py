@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny synthetic NIfTI datasets written to tmp_path (no test depends on another)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+def synthetic_case(rng: np.random.Generator, shape=(28, 32, 24), lesion: bool = False):
+    """An ellipsoid 'brain' with smooth texture; optionally a bright spherical 'lesion'."""
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    scale = rng.uniform(0.85, 0.95, 3)
+    r2 = (x / scale[0]) ** 2 + (y / scale[1]) ** 2 + (z / scale[2]) ** 2
+    brain = r2 < 0.8
+    texture = 1.0 + 0.25 * np.cos(3 * x + rng.uniform(0, 0.3)) * np.cos(2 * y) + 0.15 * (r2 < 0.3)
+    image = np.where(brain, texture, 0.0) + rng.normal(0, 0.02, shape) * brain
+    seg = np.zeros(shape, np.uint8)
+    if lesion:
+        c = rng.uniform(-0.3, 0.3, 3)
+        blob = ((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2) < 0.06
+        blob &= brain
+        image = np.where(blob, 2.2, image)
+        seg[blob] = 1
+    return image.astype(np.float32), brain.astype(np.uint8), seg
+
+
+def write_dataset(root: Path, n: int, lesioned: bool, seed: int = 0, modalities=("flair",),
+                  with_mask: bool = True, shape=(28, 32, 24)) -> Path:
+    rng = np.random.default_rng(seed)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    for i in range(n):
+        case = f"{'les' if lesioned else 'hea'}{i:02d}"
+        d = root / case
+        d.mkdir(parents=True, exist_ok=True)
+        image, brain, seg = synthetic_case(rng, shape, lesioned)
+        for k, m in enumerate(modalities):
+            nib.save(nib.Nifti1Image(image * (1 + 0.1 * k), affine), d / f"{case}_{m}.nii.gz")
+        if with_mask:
+            nib.save(nib.Nifti1Image(brain, affine), d / f"{case}_mask.nii.gz")
+        if lesioned:
+            nib.save(nib.Nifti1Image(seg, affine), d / f"{case}_seg.nii.gz")
+    return root
+
+
+@pytest.fixture
+def healthy_dir(tmp_path) -> Path:
+    return write_dataset(tmp_path / "healthy", 6, lesioned=False, seed=1)
+
+
+@pytest.fixture
+def lesioned_dir(tmp_path) -> Path:
+    return write_dataset(tmp_path / "lesioned", 3, lesioned=True, seed=2)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANOMASEG_CACHE", str(tmp_path / "cache"))
