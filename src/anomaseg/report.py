@@ -1,0 +1,326 @@
+"""A self-contained HTML evaluation report: summary metrics, ROC / PR curves, per-case table, overlays.
+
+One HTML file, no external resources: figures are PNGs rendered with matplotlib's Agg backend
+(through ``matplotlib.figure.Figure``, never pyplot, so no global state or GUI backend is touched)
+and embedded as base64 ``data:`` URIs; the CSS is inline. All text is HTML-escaped. The file is
+written atomically (temporary file beside it, then renamed).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import numbers
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from anomaseg.atomic import write_text
+
+__all__ = ["CaseOverlay", "write_report"]
+
+_DPI = 72  # modest: a 4-panel overlay row is ~30-60 kB
+_PRED_COLOUR = "#ff2020"  # prediction outline: red, solid
+_TRUE_COLOUR = "#20e020"  # ground-truth outline: green, dashed (line style also tells them apart)
+
+
+@dataclass
+class CaseOverlay:
+    """What one overlay row shows. Arrays are 2D, already oriented for display (anterior up)."""
+
+    case_id: str
+    dice: float
+    image: np.ndarray  # input slice
+    reconstruction: np.ndarray | None  # None for predictors without a reconstruction
+    anomaly_map: np.ndarray
+    prediction: np.ndarray  # bool, predicted segmentation
+    truth: np.ndarray  # bool, ground truth
+
+
+# ----------------------------------------------------------------------------------------------
+# formatting
+# ----------------------------------------------------------------------------------------------
+
+
+def _esc(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, numbers.Number) and not isinstance(x, bool)
+
+
+def _fmt(x: Any) -> str:
+    """Numbers: ints as ints, floats to 3 decimals (scientific when tiny or huge), NaN -> n/a."""
+    if isinstance(x, (bool, np.bool_)):
+        return str(bool(x))
+    if isinstance(x, numbers.Integral):
+        return str(int(x))
+    if isinstance(x, numbers.Real):
+        v = float(x)
+        if math.isnan(v):
+            return "n/a"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        if v != 0.0 and (abs(v) < 1e-3 or abs(v) >= 1e6):
+            return f"{v:.3e}"
+        return f"{v:.3f}"
+    if x is None:
+        return "n/a"
+    return str(x)
+
+
+def _mpl_text(s: str) -> str:
+    """Text for matplotlib: escape '$' so case ids never switch on mathtext."""
+    return str(s).replace("$", r"\$")
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=_DPI)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _img(data_uri: str, alt: str) -> str:
+    return f'<img alt="{_esc(alt)}" src="{data_uri}">'
+
+
+# ----------------------------------------------------------------------------------------------
+# figures
+# ----------------------------------------------------------------------------------------------
+
+
+def _curves_png(metrics: dict, curves: dict) -> str | None:
+    from matplotlib.figure import Figure
+
+    fpr = list(curves.get("fpr") or [])
+    tpr = list(curves.get("tpr") or [])
+    precision = list(curves.get("precision") or [])
+    recall = list(curves.get("recall") or [])
+    if not (fpr and len(fpr) == len(tpr)) and not (precision and len(precision) == len(recall)):
+        return None
+    fig = Figure(figsize=(9.0, 4.2))
+    ax_roc, ax_pr = fig.subplots(1, 2)
+
+    auroc = metrics.get("pixel_auroc")
+    if fpr and len(fpr) == len(tpr):
+        label = "ROC" + (f" (AUROC {_fmt(auroc)})" if auroc is not None else "")
+        ax_roc.plot(fpr, tpr, color="C0", lw=1.8, label=label)
+    else:
+        ax_roc.text(0.5, 0.5, "no ROC curve", ha="center", va="center")
+    ax_roc.plot([0, 1], [0, 1], color="0.5", ls="--", lw=1, label="chance")
+    ax_roc.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate",
+               title="ROC (voxels)")
+    ax_roc.set_aspect("equal")
+    ax_roc.legend(loc="lower right", fontsize=8)
+
+    auprc = metrics.get("pixel_auprc")
+    if precision and len(precision) == len(recall):
+        label = "PR" + (f" (AP {_fmt(auprc)})" if auprc is not None else "")
+        ax_pr.plot(recall, precision, color="C1", lw=1.8, label=label)
+    else:
+        ax_pr.text(0.5, 0.5, "no PR curve", ha="center", va="center")
+    prevalence = _prevalence(metrics, precision, recall)
+    if prevalence is not None:
+        ax_pr.axhline(prevalence, color="0.5", ls="--", lw=1, label=f"chance (prevalence {prevalence:.3g})")
+    ax_pr.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="recall", ylabel="precision", title="Precision-recall (voxels)")
+    ax_pr.set_aspect("equal")
+    ax_pr.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _prevalence(metrics: dict, precision: list, recall: list) -> float | None:
+    n_vox, n_pos = metrics.get("n_voxels"), metrics.get("n_positive")
+    if _is_number(n_vox) and _is_number(n_pos) and n_vox > 0:
+        return float(n_pos) / float(n_vox)
+    # VoxelMetrics.curves() ends where everything is predicted: precision there = prevalence
+    if precision and recall and recall[-1] == 1.0:
+        return float(precision[-1])
+    return None
+
+
+def _finite_range(a: np.ndarray) -> tuple[float, float] | tuple[None, None]:
+    finite = a[np.isfinite(a)]
+    if finite.size == 0:
+        return None, None
+    lo, hi = float(finite.min()), float(finite.max())
+    return (lo, hi) if hi > lo else (lo, lo + 1.0)
+
+
+def _outline(ax, mask: np.ndarray, colour: str, style: str) -> None:
+    mask = np.asarray(mask, dtype=bool)
+    if mask.any() and not mask.all():  # contour of a constant array has no level: skip it
+        ax.contour(mask.astype(np.float32), levels=[0.5], colors=[colour], linewidths=1.4, linestyles=style)
+
+
+def _overlay_png(ov: CaseOverlay) -> str:
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    image = np.asarray(ov.image, dtype=np.float32)
+    recon = None if ov.reconstruction is None else np.asarray(ov.reconstruction, dtype=np.float32)
+    amap = np.asarray(ov.anomaly_map, dtype=np.float32)
+    for name, a in (("image", image), ("reconstruction", recon), ("anomaly_map", amap),
+                    ("prediction", ov.prediction), ("truth", ov.truth)):
+        if a is not None and np.ndim(a) != 2:
+            raise ValueError(f"CaseOverlay {ov.case_id!r}: {name} must be 2D, got shape {np.shape(a)}")
+
+    panels = 4 if recon is not None else 3
+    fig = Figure(figsize=(2.9 * panels + 0.4, 3.3))
+    axes = fig.subplots(1, panels)
+    vmin, vmax = _finite_range(image)
+    gray = dict(cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+    i = 0
+    axes[i].imshow(image, **gray)
+    axes[i].set_title("input", fontsize=9)
+    if recon is not None:
+        i += 1
+        axes[i].imshow(recon, **gray)  # same intensity range as the input: differences stay visible
+        axes[i].set_title("reconstruction", fontsize=9)
+    i += 1
+    lo, hi = _finite_range(amap)
+    im = axes[i].imshow(amap, cmap="inferno", vmin=lo, vmax=hi, interpolation="nearest")
+    axes[i].set_title("anomaly map", fontsize=9)
+    fig.colorbar(im, ax=axes[i], fraction=0.046, pad=0.03)
+    i += 1
+    axes[i].imshow(image, **gray)
+    # truth drawn last and dashed: where the outlines coincide both stay visible
+    _outline(axes[i], ov.prediction, _PRED_COLOUR, "solid")
+    _outline(axes[i], ov.truth, _TRUE_COLOUR, "dashed")
+    axes[i].set_title("prediction vs truth", fontsize=9)
+    axes[i].legend(
+        handles=[Line2D([], [], color=_PRED_COLOUR, lw=1.5, ls="-", label="predicted"),
+                 Line2D([], [], color=_TRUE_COLOUR, lw=1.5, ls="--", label="true")],
+        loc="lower right", fontsize=7, framealpha=0.6,
+    )
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(_mpl_text(f"{ov.case_id} — Dice {_fmt(ov.dice)}"), fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# HTML
+# ----------------------------------------------------------------------------------------------
+
+_CSS = """
+body { font-family: sans-serif; margin: 1.5em; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; }
+table { border-collapse: collapse; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th { background: #f2f2f2; } td.key, th.key { text-align: left; }
+figure { margin: 0.8em 0; } figcaption { font-size: 0.9em; color: #444; }
+img { max-width: 100%; height: auto; }
+.note { color: #666; font-size: 0.85em; } .warn { color: #a40; }
+"""
+
+
+def _scalar_items(metrics: dict) -> list[tuple[str, Any]]:
+    out = []
+    for k, v in metrics.items():
+        if isinstance(v, np.ndarray) and v.ndim == 0:
+            v = v.item()
+        elif isinstance(v, np.generic):
+            v = v.item()
+        if v is None or isinstance(v, (numbers.Number, str, bool)):
+            out.append((str(k), v))
+    return out
+
+
+def _summary_html(metrics: dict) -> str:
+    rows = "".join(
+        f'<tr><td class="key">{_esc(k)}</td><td>{_esc(_fmt(v))}</td></tr>' for k, v in _scalar_items(metrics)
+    )
+    parts = [f'<table><tr><th class="key">metric</th><th>value</th></tr>{rows}</table>']
+    warnings = metrics.get("warnings")
+    if isinstance(warnings, (list, tuple)) and warnings:
+        items = "".join(f"<li>{_esc(w)}</li>" for w in warnings)
+        parts.append(f'<ul class="warn">{items}</ul>')
+    return "\n".join(parts)
+
+
+def _per_case_html(per_case: list[dict]) -> str:
+    if not per_case:
+        return '<p class="note">no cases</p>'
+    columns: list[str] = []
+    for row in per_case:
+        for k in row:
+            if k not in columns:
+                columns.append(k)
+    head = "".join(f'<th class="key">{_esc(c)}</th>' if c == "case_id" else f"<th>{_esc(c)}</th>" for c in columns)
+    body = []
+    for row in per_case:
+        cells = []
+        for c in columns:
+            v = row.get(c)
+            if isinstance(v, np.generic):
+                v = v.item()
+            cls = ' class="key"' if c == "case_id" or isinstance(v, str) else ""
+            cells.append(f"<td{cls}>{_esc(_fmt(v))}</td>")
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def write_report(
+    path,
+    metrics: dict,
+    curves: dict,
+    per_case: list[dict],
+    overlays: list[CaseOverlay],
+    title: str = "anomaseg evaluation",
+) -> None:
+    """Write one self-contained HTML report to ``path`` (atomically).
+
+    ``metrics``: scalar entries are tabulated (NaN shown as "n/a"; a "warnings" list is shown below
+    the table); ``curves``: as returned by ``VoxelMetrics.curves()`` (empty lists -> no plot);
+    ``per_case``: dicts with at least "case_id" and "dice", every key becomes a column;
+    ``overlays``: one row of panels per :class:`CaseOverlay` (may be empty).
+    """
+    metrics = dict(metrics or {})
+    curves = dict(curves or {})
+    per_case = list(per_case or [])
+    overlays = list(overlays or [])
+
+    curves_uri = _curves_png(metrics, curves)
+    sections = [
+        "<h2>Summary</h2>",
+        _summary_html(metrics),
+        "<h2>Curves</h2>",
+        _img(curves_uri, "ROC and precision-recall curves") if curves_uri
+        else '<p class="note">no curves (both classes are needed)</p>',
+        f"<h2>Per case ({len(per_case)})</h2>",
+        _per_case_html(per_case),
+        f"<h2>Overlays ({len(overlays)})</h2>",
+    ]
+    if overlays:
+        sections.append(
+            '<p class="note">Prediction outline in red (solid), ground truth in green (dashed).</p>'
+        )
+        for ov in overlays:
+            caption = f"{ov.case_id} — Dice {_fmt(ov.dice)}"
+            sections.append(
+                f"<figure>{_img(_overlay_png(ov), caption)}<figcaption>{_esc(caption)}</figcaption></figure>"
+            )
+    else:
+        sections.append('<p class="note">no overlays</p>')
+
+    created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    doc = (
+        "<!DOCTYPE html>\n"
+        '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{_esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        f"<h1>{_esc(title)}</h1>\n"
+        f'<p class="note">generated {_esc(created)} by anomaseg</p>\n'
+        + "\n".join(sections)
+        + "\n</body>\n</html>\n"
+    )
+    # pure ASCII (non-ASCII as character references): independent of the locale's file encoding
+    write_text(Path(path), doc.encode("ascii", "xmlcharrefreplace").decode("ascii"))
