@@ -61,3 +61,12 @@ def lesioned_dir(tmp_path) -> Path:
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ANOMASEG_CACHE", str(tmp_path / "cache"))
+
+
+TINY_MODEL = "model.params={base_channels: 8, max_channels: 16, depth: 3, latent_channels: 4, latent_dim: 16}"
+
+
+def tiny_train_args(data, out, epochs: int = 2, *extra: str) -> list[str]:
+    """CLI arguments of a tiny, fast training run (32 px)."""
+    return ["train", "--data", str(data), "--out", str(out), "--epochs", str(epochs), "--image-size", "32",
+            "--batch-size", "16", "--set", TINY_MODEL, "--set", "train.lr=2e-3", *extra]

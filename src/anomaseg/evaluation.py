@@ -128,17 +128,18 @@ def evaluate_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path,
         tallies[scorer.predictor.name] = PredictorTally(scorer)
     model = next(iter(tallies.values())).scorer.model
     with atomic_dir(out_dir) as tmp:
-        for case in tqdm(cases, desc="evaluating", unit="case", disable=not progress):
-            prepared = _prepare_one(case, spec, config)
-            ref = load_volume(prepared.reference, header_only=True) if save_maps else None
-            for name, tally in tallies.items():
-                smoothed = tally.scorer.smoothed_volume(prepared)
-                seg = tally.scorer.post.segment(smoothed)
-                tally.add(prepared, smoothed, seg, model)
-                if save_maps:
-                    sub = tmp / "maps" / (name if len(tallies) > 1 else "")
-                    save_like(ref, smoothed, sub / f"{case.case_id}_anomaly_map.nii.gz", np.float32)
-                    save_like(ref, seg, sub / f"{case.case_id}_segmentation.nii.gz", np.uint8)
+        with tqdm(cases, desc="evaluating", unit="case", disable=not progress) as bar:
+            for case in bar:
+                prepared = _prepare_one(case, spec, config)
+                ref = load_volume(prepared.reference, header_only=True) if save_maps else None
+                for name, tally in tallies.items():
+                    smoothed = tally.scorer.smoothed_volume(prepared)
+                    seg = tally.scorer.post.segment(smoothed)
+                    tally.add(prepared, smoothed, seg, model)
+                    if save_maps:
+                        sub = tmp / "maps" / (name if len(tallies) > 1 else "")
+                        save_like(ref, smoothed, sub / f"{case.case_id}_anomaly_map.nii.gz", np.float32)
+                        save_like(ref, seg, sub / f"{case.case_id}_segmentation.nii.gz", np.uint8)
         results = {}
         for name, tally in tallies.items():
             folder = tmp if len(tallies) == 1 else tmp / name

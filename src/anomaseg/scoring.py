@@ -89,8 +89,9 @@ class Scorer:
 
         with autocast(self.device, self._fabric_precision):
             self.predictor.fit(self.model, batches())
-        cases = tqdm(healthy, desc=f"calibrating {self.predictor.name}", unit="case", disable=not progress, leave=False)
-        self.post.fit((self.smoothed_volume(c), c.brain) for c in cases)
+        with tqdm(healthy, desc=f"calibrating {self.predictor.name}", unit="case", disable=not progress,
+                  leave=False) as cases:
+            self.post.fit([(self.smoothed_volume(c), c.brain) for c in cases])
         return self
 
 
@@ -177,8 +178,8 @@ def score_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path, pr
     cases, spec = _test_cases(run_dir, data, config, require_seg=False)
     scorer = calibrate(run_dir, predictor, None if predictor is None else {}, progress)
     rows = []
-    with atomic_dir(out_dir) as tmp:
-        for case in tqdm(cases, desc="scoring", unit="case", disable=not progress):
+    with atomic_dir(out_dir) as tmp, tqdm(cases, desc="scoring", unit="case", disable=not progress) as bar:
+        for case in bar:
             prepared = _prepare_one(case, spec, config)
             smoothed = scorer.smoothed_volume(prepared)
             seg = scorer.post.segment(smoothed)

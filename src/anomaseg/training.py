@@ -110,8 +110,12 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- loop
     def fit(self, resume: bool = False) -> dict:
+        import logging
+
         from lightning.fabric import Fabric
         from tqdm.auto import tqdm
+
+        logging.getLogger("lightning.fabric").setLevel(logging.WARNING)  # we print the precision ourselves
 
         c, paths = self.config, self.paths
         start_epoch, start_step, state = 0, 0, None
@@ -172,17 +176,17 @@ class Trainer:
             first = start_step if epoch == start_epoch else 0
             sums: dict[str, float] = {}
             t0 = time.perf_counter()
-            bar = tqdm(range(first, steps), desc=f"epoch {epoch + 1}/{c.train.epochs}", unit="batch",
-                       disable=not (self.progress and fabric.is_global_zero), leave=False)
-            for step in bar:
-                idx = perm[step * bs:(step + 1) * bs][fabric.global_rank::fabric.world_size]
-                logs = model.training_step(to_batch(train_x[idx]), optimizers, fabric.backward, fabric.autocast)
-                for k, v in logs.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                bar.set_postfix(loss=f"{logs['loss']:.4g}")
-                if time.monotonic() - last_save > CHECKPOINT_SECONDS and step + 1 < steps:
-                    self._checkpoint(fabric, model, optimizers, hparams, epoch, step + 1, history, best_val)
-                    last_save = time.monotonic()
+            with tqdm(range(first, steps), desc=f"epoch {epoch + 1}/{c.train.epochs}", unit="batch",
+                      disable=not (self.progress and fabric.is_global_zero), leave=False) as bar:
+                for step in bar:
+                    idx = perm[step * bs:(step + 1) * bs][fabric.global_rank::fabric.world_size]
+                    logs = model.training_step(to_batch(train_x[idx]), optimizers, fabric.backward, fabric.autocast)
+                    for k, v in logs.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    bar.set_postfix(loss=f"{logs['loss']:.4g}")
+                    if time.monotonic() - last_save > CHECKPOINT_SECONDS and step + 1 < steps:
+                        self._checkpoint(fabric, model, optimizers, hparams, epoch, step + 1, history, best_val)
+                        last_save = time.monotonic()
             seconds = time.perf_counter() - t0
             done = max(1, steps - first)
             record = {"epoch": epoch + 1, **{f"train_{k}": v / done for k, v in sums.items()},

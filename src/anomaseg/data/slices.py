@@ -240,7 +240,8 @@ def prepare_cases(cases: list[Case], spec: SliceSpec, cache: CaseCache | None = 
     from tqdm.auto import tqdm
 
     cache = cache or CaseCache(None)
-    return [cache.get(c, spec) for c in tqdm(cases, desc=desc, unit="case", disable=not progress, leave=False)]
+    with tqdm(cases, desc=desc, unit="case", disable=not progress, leave=False) as bar:
+        return [cache.get(c, spec) for c in bar]
 
 
 def training_slices(cases: list[PreparedCase]) -> torch.Tensor:
