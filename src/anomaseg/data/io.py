@@ -3,6 +3,13 @@
 Every volume is held in memory in the closest canonical orientation, RAS+ (array axes increase
 towards the subject's right, anterior and superior), so axial slices are always `data[:, :, k]`. Outputs are written back in the input's own voxel
 order with its own affine and header, so they overlay the input in 3D Slicer, ITK-SNAP or FSLeyes.
+
+PNG images (MVTec-AD style 2D data) are volumes of depth 1: `data[x, y, 0]` is the pixel in column
+x and row H-1-y (x to the right, y upwards, like an axial slice shown anterior up), identity affine.
+`channel` picks a colour channel (0, 1, 2 = R, G, B; a grayscale image serves every channel); no
+channel gives the grayscale image (luma 0.299 R + 0.587 G + 0.114 B for colour images). Outputs for
+a PNG reference are 2D images in its pixel order: float maps as 32-bit float TIFF, integer maps as
+8-bit PNG (binary masks written 0/255, like MVTec's ground truth) or 16-bit PNG above 255.
 """
 
 from __future__ import annotations
@@ -20,11 +27,16 @@ from anomaseg.atomic import atomic_path
 from anomaseg.errors import InputError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+PNG_SUFFIXES = (".png",)
 _RAS = ornt.axcodes2ornt(("R", "A", "S"))
 
 
 def is_nifti(path: str | Path) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def is_png(path: str | Path) -> bool:
+    return str(path).lower().endswith(PNG_SUFFIXES)
 
 
 def nifti_stem(path: str | Path) -> str:
@@ -44,9 +56,10 @@ class Volume:
     affine: np.ndarray  # 4x4 affine of `data` (RAS+ voxel order)
     path: Path
     source_affine: np.ndarray  # affine of the file as stored
-    source_header: nib.Nifti1Header
-    to_source: np.ndarray  # nibabel orientation transform RAS+ -> stored voxel order
+    source_header: nib.Nifti1Header | None  # None for PNG
+    to_source: np.ndarray | None  # nibabel orientation transform RAS+ -> stored voxel order (NIfTI)
     shape: tuple[int, int, int] = ()  # RAS+ shape
+    format: str = "nifti"  # "nifti" or "png" (a 2D image: depth 1)
 
     def __post_init__(self):
         if self.data is not None:
@@ -59,7 +72,7 @@ class Volume:
 
 def load_volume(path: str | Path, *, channel: int | None = None, kind: str = "image",
                 header_only: bool = False) -> Volume:
-    """Load a NIfTI volume, check it, and reorient it to RAS+.
+    """Load a NIfTI volume (or a PNG image as a volume of depth 1), check it, and reorient it to RAS+.
 
     `channel` picks one volume of a 4D file (decathlon-style multi-modal images). `kind` ("image",
     "segmentation" or "mask") only words the error messages and decides the dtype: images become
@@ -72,8 +85,10 @@ def load_volume(path: str | Path, *, channel: int | None = None, kind: str = "im
         raise InputError(path, f"{kind} file not found")
     if not path.is_file():
         raise InputError(path, f"{kind} path is not a file")
+    if is_png(path):
+        return _load_png(path, channel, kind, header_only)
     if not is_nifti(path):
-        raise InputError(path, f"{kind} is not a NIfTI file (expected .nii or .nii.gz)")
+        raise InputError(path, f"{kind} is not a NIfTI file (expected .nii or .nii.gz) or a PNG image (.png)")
     try:
         img = nib.load(str(path))
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
@@ -126,17 +141,71 @@ def load_volume(path: str | Path, *, channel: int | None = None, kind: str = "im
     return Volume(data, affine, path, source_affine, img.header.copy(), to_source)
 
 
+_COLOUR_MODES = ("RGB", "RGBA", "RGBX", "RGBa", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV")
+
+
+def _load_png(path: Path, channel: int | None, kind: str, header_only: bool) -> Volume:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            if header_only:
+                width, height = img.size
+                return Volume(None, np.eye(4), path, np.eye(4), None, None, (width, height, 1), "png")
+            img.load()
+            if img.mode in _COLOUR_MODES:
+                rgb = np.asarray(img.convert("RGB"))
+                gray = None
+            else:
+                rgb = None
+                gray = np.asarray(img if img.mode in ("I", "I;16", "I;16B", "I;16L", "F") else img.convert("L"))
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError,
+            zlib.error, MemoryError) as exc:
+        raise InputError(path, f"{kind} is corrupt or not a readable PNG image ({exc})") from None
+    if min((rgb if rgb is not None else gray).shape[:2]) < 1:
+        raise InputError(path, f"{kind} is empty")
+    if channel is not None and not 0 <= channel < 3:
+        raise InputError(path, f"{kind} has 3 colour channels (0, 1, 2), channel {channel} requested")
+    if kind == "image":
+        if rgb is None:
+            raw = gray.astype(np.float32)
+        elif channel is None:
+            raw = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        else:
+            raw = rgb[..., channel].astype(np.float32)
+        if not np.isfinite(raw).all():
+            raise InputError(path, f"{kind} contains NaN/Inf pixels")
+    else:  # labels: any nonzero colour channel counts
+        raw = gray if rgb is None else rgb.max(axis=-1)
+        if np.issubdtype(raw.dtype, np.floating):
+            if not np.isfinite(raw).all():
+                raise InputError(path, f"{kind} contains NaN/Inf pixels")
+            raw = np.rint(raw)
+        raw = raw.astype(np.int32)
+    data = np.ascontiguousarray(raw[::-1].T)[..., None]  # (row, col) -> (x right, y up, 1)
+    return Volume(data, np.eye(4), path, np.eye(4), None, None, format="png")
+
+
 def to_source_orientation(reference: Volume, data_ras: np.ndarray) -> np.ndarray:
-    """Reorder a RAS+ array of the reference's shape back into the reference file's voxel order."""
+    """Reorder a RAS+ array of the reference's shape back into the reference file's voxel order
+    (for a PNG reference: the 2D (row, column) image)."""
     if data_ras.shape != reference.shape:
         raise ValueError(f"array shape {data_ras.shape} != volume shape {reference.shape}")
+    if reference.format == "png":
+        return np.ascontiguousarray(np.asarray(data_ras)[:, :, 0].T[::-1])
     return np.ascontiguousarray(ornt.apply_orientation(data_ras, reference.to_source))
 
 
 def save_like(reference: Volume, data_ras: np.ndarray, path: str | Path, dtype=np.float32) -> Path:
     """Write `data_ras` (RAS+, the reference's shape) as NIfTI with the reference's affine and
-    header, in the reference's voxel order. Written under a temporary name, then renamed."""
+    header, in the reference's voxel order. Written under a temporary name, then renamed.
+
+    For a PNG reference the output is a 2D image instead (see the module docstring); a `.nii` /
+    `.nii.gz` suffix of `path` becomes `.tiff` (float data) or `.png` (integer data). Returns the
+    path written."""
     path = Path(path)
+    if reference.format == "png":
+        return _save_image_like(reference, data_ras, path, dtype)
     data = to_source_orientation(reference, np.asarray(data_ras)).astype(dtype, copy=False)
     header = reference.source_header.copy()
     header.set_data_dtype(dtype)
@@ -146,6 +215,31 @@ def save_like(reference: Volume, data_ras: np.ndarray, path: str | Path, dtype=n
     img.header["cal_min"], img.header["cal_max"] = 0, 0
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
+    return path
+
+
+def _save_image_like(reference: Volume, data_ras: np.ndarray, path: Path, dtype) -> Path:
+    from PIL import Image
+
+    image = to_source_orientation(reference, np.asarray(data_ras))
+    name = nifti_stem(path) if is_nifti(path) else None
+    if np.issubdtype(np.dtype(dtype), np.floating):
+        path = path.with_name(name + ".tiff") if name else path
+        out, fmt = Image.fromarray(image.astype(np.float32)), "TIFF"
+    else:
+        path = path.with_name(name + ".png") if name else path
+        values = np.rint(image).astype(np.int64)
+        if values.min(initial=0) < 0 or values.max(initial=0) > 65535:
+            raise ValueError(f"integer image values must lie in [0, 65535] to be written as PNG ({path.name})")
+        if values.max(initial=0) <= 1:
+            values = values * 255  # binary mask: 0/255 as MVTec's ground truth
+        if values.max(initial=0) <= 255:
+            out = Image.fromarray(values.astype(np.uint8))
+        else:
+            out = Image.fromarray(values.astype(np.uint16))
+        fmt = "PNG"
+    with atomic_path(path, suffix=path.suffix) as tmp:
+        out.save(tmp, format=fmt)
     return path
 
 

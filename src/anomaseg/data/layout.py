@@ -7,7 +7,13 @@ A dataset is one of
   by case; any other file is a case of its own holding one image of unnamed modality;
 - a decathlon-style datalist JSON (`{"training": [{"image": ..., "label": ..., "mask": ...}], ...}`);
   `image` is one path (3D, or 4D with the modalities as channels named by the file's "modality" map)
-  or a list of paths, one per modality.
+  or a list of paths, one per modality;
+- 2D PNG images, MVTec-AD style: a split folder (`train/` or `test/`) of type folders `<type>/*.png`,
+  or one type folder itself. Each image is a case `<type>_<stem>` whose anomaly mask is
+  `../ground_truth/<type>/<stem>_mask.png` (seen from the type folder); images of type `good` are
+  normal (an all-healthy segmentation, no mask file needed); the whole image counts as "brain".
+  A PNG case offers the modalities `gray` (grayscale; luma for colour images) and `r`, `g`, `b`
+  (colour channels; a grayscale image serves all three).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from anomaseg.data.io import is_nifti, nifti_stem
+from anomaseg.data.io import is_nifti, is_png, nifti_stem
 from anomaseg.errors import InputError
 
 SEG_NAMES = ("seg", "label", "labels")
@@ -25,7 +31,9 @@ MASK_NAMES = ("mask", "brainmask", "brain_mask")
 UNNAMED = "image"  # modality of an image whose file name carries none
 
 # Names of the same MR contrast across datasets (BraTS 2023 uses t1n/t1c/t2w/t2f).
-_ALIASES = {"t2f": "flair", "t1c": "t1ce", "t1gd": "t1ce", "t1n": "t1", "t2w": "t2", "t1w": "t1"}
+_ALIASES = {"t2f": "flair", "t1c": "t1ce", "t1gd": "t1ce", "t1n": "t1", "t2w": "t2", "t1w": "t1",
+            "red": "r", "green": "g", "blue": "b", "grey": "gray"}
+NORMAL_TYPE = "good"  # MVTec-AD: the defect-free image type
 
 
 def canonical_modality(name: str) -> str:
@@ -46,6 +54,7 @@ class Case:
     seg: Path | None = None
     mask: Path | None = None
     source: Path | None = None  # the case folder or datalist, for error messages
+    normal: bool = False  # known to be anomaly-free without a segmentation file (MVTec "good" images)
 
     def image(self, modality: str) -> ImageRef:
         """The image of one modality; a case with a single unnamed image serves any modality."""
@@ -78,9 +87,14 @@ def find_cases(root: str | Path, modalities: list[str] | None = None, split: str
         case_dirs = [p for p in sub if any(is_nifti(f) for f in p.iterdir())]
         flat = sorted(f for f in root.iterdir() if f.is_file() and is_nifti(f) and not f.name.startswith("."))
         cases = [_from_case_dir(d) for d in case_dirs] + _from_flat(root, flat, modalities)
+        if not cases:  # PNG images only where there is no NIfTI data (a stray folder of screenshots stays out)
+            png_dirs = [d for d in sub if any(is_png(f) for f in d.iterdir())]
+            for folder in png_dirs + ([root] if any(is_png(f) for f in root.iterdir()) else []):
+                cases += _from_png_folder(folder)
         if not cases:
             raise InputError(root, "no NIfTI cases found (expected case folders <case>/<case>_<modality>.nii.gz, "
-                                   "a flat folder of .nii/.nii.gz files, or a datalist .json)")
+                                   "a flat folder of .nii/.nii.gz files, or a datalist .json) and no PNG images "
+                                   "(for an MVTec-style dataset pass its train/ or test/ folder)")
     ids = [c.case_id for c in cases]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
@@ -88,8 +102,10 @@ def find_cases(root: str | Path, modalities: list[str] | None = None, split: str
     for case in cases:
         for m in modalities or []:
             case.image(m)
-        if require_seg and case.seg is None:
-            raise InputError(case.source or root, f"case {case.case_id!r} has no segmentation (<case>_seg.nii.gz)")
+        if require_seg and case.seg is None and not case.normal:
+            expected = (f"../ground_truth/{case.source.name}/<name>_mask.png" if _is_png_case(case)
+                        else "<case>_seg.nii.gz")
+            raise InputError(case.source or root, f"case {case.case_id!r} has no segmentation ({expected})")
     return sorted(cases, key=lambda c: c.case_id)
 
 
@@ -147,6 +163,22 @@ def _from_flat(root: Path, files: list[Path], modalities: list[str] | None) -> l
             raise InputError(orphan, f"no image file belongs to this file (expected {case_id}.nii.gz "
                                      f"or {case_id}_<modality>.nii.gz beside it)")
         cases.append(Case(case_id, g["images"], g.get("seg"), g.get("mask"), root))
+    return cases
+
+
+def _is_png_case(case: Case) -> bool:
+    return case.source is not None and any(is_png(ref.path) for ref in case.images.values())
+
+
+def _from_png_folder(folder: Path) -> list[Case]:
+    """MVTec-style type folder: every PNG is a case; masks in ../ground_truth/<type>/<stem>_mask.png."""
+    truth_dir = folder.parent.parent / "ground_truth" / folder.name
+    cases = []
+    for f in sorted(p for p in folder.iterdir() if p.is_file() and is_png(p) and not p.name.startswith(".")):
+        images = {"gray": ImageRef(f), "r": ImageRef(f, 0), "g": ImageRef(f, 1), "b": ImageRef(f, 2)}
+        mask = truth_dir / f"{f.stem}_mask.png"
+        cases.append(Case(f"{folder.name}_{f.stem}", images, mask if mask.is_file() else None, None, folder,
+                          normal=folder.name == NORMAL_TYPE))
     return cases
 
 

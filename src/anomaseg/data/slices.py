@@ -141,6 +141,9 @@ def load_case_volumes(case: Case, spec: SliceSpec) -> tuple[list[Volume], np.nda
         check_same_grid(first, mask_vol, "brain mask")
         brain = mask_vol.data > 0
         where = case.mask
+    elif first.format == "png":  # a 2D image: every pixel is in the domain (no background to strip)
+        brain = np.ones(first.shape, bool)
+        where = first.path
     else:
         brain = np.zeros(first.shape, bool)
         for v in vols:
@@ -154,6 +157,8 @@ def load_case_volumes(case: Case, spec: SliceSpec) -> tuple[list[Volume], np.nda
         seg_vol = load_volume(case.seg, kind="segmentation")
         check_same_grid(first, seg_vol, "segmentation")
         truth = seg_vol.data > 0
+    elif case.normal:
+        truth = np.zeros(first.shape, bool)
     return vols, brain, truth
 
 
@@ -189,7 +194,8 @@ class CaseCache:
             st = f.stat()
             stamp.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
         channels = [case.image(m).channel for m in spec.modalities]
-        blob = json.dumps([CACHE_VERSION, asdict(spec), stamp, channels], sort_keys=True)
+        extra = ["normal"] if case.normal else []  # (kept out of other keys: existing caches stay valid)
+        blob = json.dumps([CACHE_VERSION, asdict(spec), stamp, channels] + extra, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
     def get(self, case: Case, spec: SliceSpec) -> PreparedCase:

@@ -37,7 +37,7 @@ def register_model(name: str, *, description: str, tiny: dict | None = None):
 
 def _ensure_builtin_models() -> None:
     # Imported here, explicitly, rather than by `import *` side effects scattered over the package.
-    from anomaseg.models import autoencoders  # noqa: F401
+    from anomaseg.models import autoencoders, skip_ganomaly, vaegan  # noqa: F401
 
 
 def list_models() -> list[str]:

@@ -9,8 +9,9 @@ A predictor turns a trained model and an image batch into a per-pixel anomaly ma
   scikit-learn's `score_samples`);
 - `score(model, x, mask) -> (B,)`: one anomaly score per image, higher = more anomalous.
 
-`requires` names what the predictor needs from a model: "recon" (a reconstruction; every model) or
-"vae" (a posterior: `encode` returning (mu, logvar), `decode`, and a KL weight `beta`).
+`requires` names what the predictor needs from a model: "recon" (a reconstruction; every model),
+"vae" (a posterior: `encode` returning (mu, logvar), `decode`, and a KL weight `beta`) or
+"discriminator" (`discriminator_features(x)`: the feature maps of an adversarial model's discriminator).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def model_capabilities(model) -> set[str]:
     caps = {"recon"}
     if getattr(model, "variational", False) and hasattr(model, "encode") and hasattr(model, "decode"):
         caps.add("vae")
+    if callable(getattr(model, "discriminator_features", None)):
+        caps.add("discriminator")  # adversarial models: discriminator feature maps f(x)
     return caps
 
 
@@ -106,7 +109,7 @@ def register_predictor(name: str, *, description: str):
 
 
 def _ensure_builtin() -> None:
-    from anomaseg.predictors import residual  # noqa: F401
+    from anomaseg.predictors import adversarial, residual  # noqa: F401
 
 
 def list_predictors() -> list[str]:
