@@ -119,7 +119,7 @@ def markdown(summary: dict, setup: dict) -> str:
     lines = [f"# Model comparison on the phantom ({'quick smoke test' if setup['quick'] else 'full'})", "",
              f"{setup['n_train_cases']} healthy training cases ({setup['n_train_slices']} slices), "
              f"{setup['n_val_cases']} held out, {setup['lesioned']} lesioned test cases; {setup['image_size']} px FLAIR; "
-             f"{setup['epochs']} epochs x {setup['steps_per_epoch']} steps of {setup['batch_size']} slices; "
+             f"{setup['epochs']} epoch(s) x {setup['steps_per_epoch']} steps of {setup['batch_size']} slices; "
              f"seeds {', '.join(map(str, setup['seeds']))}; residual map, 5x5x5 median, erosion 3. "
              f"Mean +- std over seeds. Throughput: training slices/s on {setup['machine']} "
              f"(load average at start {setup['load_average']}).", "",
