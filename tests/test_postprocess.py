@@ -43,3 +43,14 @@ def test_small_components_are_dropped():
     post = PostProcessor(min_component_size=8)
     post.threshold_ = 0.5
     assert post.segment(seg.astype(np.float32)).sum() == 8
+
+
+def test_2d_images_get_in_plane_erosion_and_median():
+    brain = np.ones((20, 20, 1), bool)
+    amap = np.zeros((20, 20, 1), np.float32)
+    amap[8:12, 8:12, 0] = 1.0
+    post = PostProcessor(median_size=3, erosion=2)
+    eroded = post.eroded(brain)
+    assert eroded[2:18, 2:18, 0].all() and not eroded[:2].any()  # the single slice survives
+    out = post.smooth(amap, brain)
+    np.testing.assert_array_equal(out[..., 0], np.where(eroded[..., 0], ndimage.median_filter(amap[..., 0], 3, mode="nearest"), 0))

@@ -48,12 +48,17 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 32
     lr: float = 5e-4
+    lr_schedule: str = "cosine"  # cosine: decays to 0 over all steps of the run; constant
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     precision: str = "auto"  # auto | bf16 | 32 | 16 (GPU only)
     channels_last: bool = True
     seed: int = 0
     num_workers: int = 0
     max_steps_per_epoch: int | None = None
+
+    def __post_init__(self):
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
 
 
 @dataclass

@@ -26,10 +26,13 @@ def _bbox(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
 
 
 def median_filter_3d(volume: np.ndarray, size: int, threads: int = 2) -> np.ndarray:
-    """scipy's median filter run on slabs in parallel (it releases the GIL); equal to one call."""
+    """scipy's median filter run on slabs in parallel (it releases the GIL); equal to one call.
+    A volume of depth 1 (a 2D image) gets a 2D footprint."""
     if size <= 1:
         return volume
     z = volume.shape[2]
+    if z == 1:
+        return ndimage.median_filter(volume, size=(size, size, 1), mode="nearest")
     if threads <= 1 or z < 4 * size:
         return ndimage.median_filter(volume, size=size, mode="nearest")
     half = size // 2
@@ -58,9 +61,13 @@ class PostProcessor:
         self.healthy_fpr = healthy_fpr
 
     def eroded(self, brain: np.ndarray) -> np.ndarray:
+        """The mask eroded by `erosion` voxels; in-plane only for a 2D image (depth 1), where a 3D
+        erosion would erase the single slice."""
         if self.erosion <= 0:
             return brain
         structure = ndimage.generate_binary_structure(3, 1)
+        if brain.shape[2] == 1:
+            structure[:, :, [0, 2]] = False
         return ndimage.binary_erosion(brain, structure, iterations=self.erosion, border_value=0)
 
     def smooth(self, anomaly_map: np.ndarray, brain: np.ndarray) -> np.ndarray:

@@ -46,6 +46,13 @@ def cache_for(config: cfg.RunConfig) -> CaseCache:
     return CaseCache(CaseCache.default_folder() if folder == "default" else folder)
 
 
+def scheduled_lr(base: float, schedule: str, step: int, total: int) -> float:
+    """Learning rate at a global step. Stateless, so a resumed run continues the same curve."""
+    if schedule == "constant" or total <= 0:
+        return base
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -179,6 +186,10 @@ class Trainer:
             with tqdm(range(first, steps), desc=f"epoch {epoch + 1}/{c.train.epochs}", unit="batch",
                       disable=not (self.progress and fabric.is_global_zero), leave=False) as bar:
                 for step in bar:
+                    lr = scheduled_lr(c.train.lr, c.train.lr_schedule, epoch * steps + step, c.train.epochs * steps)
+                    for opt in optimizers.values():
+                        for group in opt.param_groups:
+                            group["lr"] = lr
                     idx = perm[step * bs:(step + 1) * bs][fabric.global_rank::fabric.world_size]
                     logs = model.training_step(to_batch(train_x[idx]), optimizers, fabric.backward, fabric.autocast)
                     for k, v in logs.items():
