@@ -73,3 +73,9 @@ def test_split_holds_out_whole_cases():
     train, val = training.split_cases([f"c{i}" for i in range(10)], 0.2, seed=0)
     assert len(val) == 2 and len(train) == 8 and not set(train) & set(val)
     assert training.split_cases(["only"], 0.2, 0) == (["only"], [])
+
+
+def test_cosine_schedule_is_stateless_and_decays_to_zero():
+    lrs = [training.scheduled_lr(1e-3, "cosine", s, 100) for s in range(101)]
+    assert lrs[0] == 1e-3 and lrs[-1] < 1e-12 and all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert training.scheduled_lr(1e-3, "constant", 50, 100) == 1e-3
