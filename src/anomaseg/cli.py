@@ -73,10 +73,34 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _predictor_params(args) -> dict:
+    """--predictor-params '{name: {param: value}}' (YAML/JSON), checked by building each predictor."""
+    import yaml
+
+    from anomaseg.predictors import create_predictor
+
+    if not getattr(args, "predictor_params", None):
+        return {}
+    try:
+        params = yaml.safe_load(args.predictor_params)
+    except yaml.YAMLError:
+        params = None
+    if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
+        raise InputError(None, "--predictor-params expects a mapping {predictor: {param: value}}, "
+                               f"got {args.predictor_params!r}")
+    for name, p in params.items():
+        try:
+            create_predictor(name, **p)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(None, f"--predictor-params: {exc}") from None
+    return params
+
+
 def cmd_score(args) -> int:
     from anomaseg.scoring import score_dataset
 
-    rows = score_dataset(args.run, args.data, args.out, predictor=args.predictor)
+    rows = score_dataset(args.run, args.data, args.out, predictor=args.predictor,
+                         predictor_params=_predictor_params(args))
     print(f"wrote anomaly maps and segmentations of {len(rows)} cases to {args.out}")
     return 0
 
@@ -84,7 +108,8 @@ def cmd_score(args) -> int:
 def cmd_evaluate(args) -> int:
     from anomaseg.evaluation import evaluate_dataset
 
-    result = evaluate_dataset(args.run, args.data, args.out, predictors=args.predictor, save_maps=args.save_maps)
+    result = evaluate_dataset(args.run, args.data, args.out, predictors=args.predictor, save_maps=args.save_maps,
+                              predictor_params=_predictor_params(args))
     results = {result["predictor"]: result} if "per_case" in result else result
     for name, r in results.items():
         print(f"{name}: pixel AUROC {r['pixel_auroc']:.3f}, AUPRC {r['pixel_auprc']:.3f}, "
@@ -117,6 +142,10 @@ def cmd_models(args) -> int:
     return 0
 
 
+PREDICTOR_PARAMS_HELP = ("hyper-parameters of named predictors, e.g. '{projection: {steps: 50}, grad_kl: {sigma: 1}}' "
+                         "(the run's default predictor takes --set score.predictor_params at training)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anomaseg", description="Unsupervised anomaly segmentation in medical images.")
     from anomaseg import __version__
@@ -144,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--predictor", help="predictor name (default: the run's, residual)")
+    p.add_argument("--predictor-params", metavar="YAML", help=PREDICTOR_PARAMS_HELP)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("evaluate", help="metrics and an HTML report on a labelled test set")
@@ -151,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--predictor", help="predictor name, comma-separated names, or 'all'")
+    p.add_argument("--predictor-params", metavar="YAML", help=PREDICTOR_PARAMS_HELP)
     p.add_argument("--save-maps", action="store_true", help="also write the NIfTI maps and segmentations")
     p.set_defaults(func=cmd_evaluate)
 

@@ -112,10 +112,11 @@ def _display(case, smoothed, seg, model) -> CaseOverlay | None:
 
 
 def evaluate_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path, predictors: str | None = None,
-                     save_maps: bool = False, progress: bool = True) -> dict:
+                     save_maps: bool = False, progress: bool = True, predictor_params: dict | None = None) -> dict:
     """Evaluate the run on a labelled test set; returns the metrics of the first predictor (or the
     summary of all). Writes OUT/metrics.json and OUT/report.html (one predictor), or one subfolder
-    per predictor plus OUT/summary.json and OUT/report.html (several)."""
+    per predictor plus OUT/summary.json and OUT/report.html (several). `predictor_params` maps a
+    predictor name to its hyper-parameters (e.g. {"projection": {"steps": 50}}) for named predictors."""
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
@@ -124,7 +125,8 @@ def evaluate_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path,
     cases, spec = _test_cases(run_dir, data, config, require_seg=True)
     tallies = {}
     for name in resolve_predictors(run_dir, predictors):
-        scorer = calibrate(run_dir, name, None if name is None else {}, progress)
+        scorer = calibrate(run_dir, name, None if name is None else dict((predictor_params or {}).get(name, {})),
+                           progress)
         tallies[scorer.predictor.name] = PredictorTally(scorer)
     model = next(iter(tallies.values())).scorer.model
     with atomic_dir(out_dir) as tmp:

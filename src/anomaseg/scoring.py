@@ -179,7 +179,7 @@ def _prepare_one(case, spec: SliceSpec, config):
 
 
 def score_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path, predictor: str | None = None,
-                  progress: bool = True) -> list[dict]:
+                  progress: bool = True, predictor_params: dict | None = None) -> list[dict]:
     """Write `<case>_anomaly_map.nii.gz` (float32) and `<case>_segmentation.nii.gz` (uint8) per case,
     on the input's grid, affine and header. The output folder appears only when complete."""
     from tqdm.auto import tqdm
@@ -188,7 +188,8 @@ def score_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path, pr
     _check_output_dir(out_dir)
     config = load_model(run_dir)[1]
     cases, spec = _test_cases(run_dir, data, config, require_seg=False)
-    scorer = calibrate(run_dir, predictor, None if predictor is None else {}, progress)
+    scorer = calibrate(run_dir, predictor, None if predictor is None else dict((predictor_params or {}).get(predictor, {})),
+                       progress)
     rows = []
     with atomic_dir(out_dir) as tmp, tqdm(cases, desc="scoring", unit="case", disable=not progress) as bar:
         for case in bar:

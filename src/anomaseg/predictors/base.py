@@ -109,7 +109,8 @@ def register_predictor(name: str, *, description: str):
 
 
 def _ensure_builtin() -> None:
-    from anomaseg.predictors import adversarial, residual  # noqa: F401
+    # Imported here, explicitly, so that every built-in predictor is registered before any lookup.
+    from anomaseg.predictors import adversarial, ensemble, gradients, projection, residual  # noqa: F401
 
 
 def list_predictors() -> list[str]:
