@@ -9,7 +9,6 @@ and writes metrics.json and report.html. Several predictors share one pass over 
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from dataclasses import dataclass, field
@@ -17,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from anomaseg import config as cfg
 from anomaseg.atomic import atomic_dir, write_text
@@ -79,17 +77,7 @@ class Scorer:
 
     def smoothed_volume(self, case: PreparedCase) -> np.ndarray:
         """Post-processed anomaly map on the case's RAS+ voxel grid."""
-        volume = case.geometry.to_volume(self.slice_maps(case))
-        if volume.shape[2] == 1 and self.post.erosion > 0:
-            # a 2D image (PNG, depth 1): erode the mask in-plane only; a 3D erosion would erase the
-            # single slice (its missing z-neighbours count as background). The median is 2D already:
-            # with "nearest" edges every z-neighbour of the one slice is the slice itself.
-            post = copy.copy(self.post)
-            post.erosion = 0
-            structure = ndimage.generate_binary_structure(2, 1)
-            mask = ndimage.binary_erosion(case.brain[:, :, 0], structure, iterations=self.post.erosion, border_value=0)
-            return post.smooth(volume, mask[:, :, None])
-        return self.post.smooth(volume, case.brain)
+        return self.post.smooth(case.geometry.to_volume(self.slice_maps(case)), case.brain)
 
     def fit(self, healthy: list[PreparedCase], progress: bool = False) -> "Scorer":
         """Fit the predictor on healthy slices, then the threshold on their post-processed maps."""
