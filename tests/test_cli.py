@@ -2,7 +2,6 @@
 naming the file, a non-zero exit, and no partial outputs."""
 
 import json
-import shutil
 
 import nibabel as nib
 import numpy as np
@@ -54,7 +53,6 @@ def test_outputs_follow_the_input_orientation(trained_run, tmp_path):
     src_dir = tmp_path / "flipped" / "les"
     write_dataset(tmp_path / "orig", 1, lesioned=True, seed=5)
     src_dir.mkdir(parents=True)
-    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
     for f in (tmp_path / "orig" / "les00").iterdir():
         img = nib.load(f)
         data = np.asarray(img.dataobj)[::-1]  # voxel axis 0 reversed...

@@ -1,13 +1,11 @@
 import json
 
-import pytest
 import torch
 
 from anomaseg import training
 from anomaseg.cli import main
-from anomaseg.errors import InputError
 from anomaseg.run import RunPaths, load_checkpoint, load_model
-from conftest import tiny_train_args, write_dataset
+from conftest import tiny_train_args
 
 
 def test_training_writes_a_complete_run(healthy_dir, tmp_path):

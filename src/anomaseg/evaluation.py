@@ -7,7 +7,8 @@ Per predictor (all of them share one pass over the data: each case is read once)
 - `dice_at_threshold`: Dice of the actual segmentations (healthy-calibrated threshold, small
   components removed), pooled over all test voxels; per case the same Dice in `per_case`;
 - `image_auroc`: slice level; an axial slice with brain is anomalous if it holds a label voxel, and
-  its score is the mean of the highest 1% of its post-processed map values in the brain.
+  its score is the predictor's `score` of the slice (by default the mean of the highest 1% of its
+  anomaly map inside the brain; Skip-GANomaly's own image score for that predictor).
 """
 
 from __future__ import annotations
@@ -31,16 +32,6 @@ from anomaseg.scoring import (OUTPUT_MARKER, Scorer, _check_output_dir, _prepare
 N_OVERLAYS = 2  # best and worst cases shown in the report
 
 
-def slice_scores(smoothed: np.ndarray, brain: np.ndarray) -> np.ndarray:
-    """One score per axial slice that holds brain (see module docstring)."""
-    zs = np.flatnonzero(brain.any(axis=(0, 1)))
-    maps = torch.from_numpy(np.ascontiguousarray(np.moveaxis(smoothed[:, :, zs], 2, 0)))
-    masks = torch.from_numpy(np.ascontiguousarray(np.moveaxis(brain[:, :, zs], 2, 0)))
-    from anomaseg.predictors.base import top_fraction_mean
-
-    return top_fraction_mean(maps, masks).numpy()
-
-
 @dataclass
 class PredictorTally:
     """Everything one predictor accumulates over the test set (memory independent of its size)."""
@@ -55,7 +46,7 @@ class PredictorTally:
     per_case: list = field(default_factory=list)
     views: list = field(default_factory=list)  # (dice, case_id, display arrays) for the report
 
-    def add(self, case, smoothed: np.ndarray, seg: np.ndarray, model) -> None:
+    def add(self, case, smoothed: np.ndarray, scores: np.ndarray, seg: np.ndarray, model) -> None:
         brain, truth = case.brain, case.truth
         self.voxels.update(smoothed[brain], truth[brain])
         pred, gt = seg[brain] > 0, truth[brain]
@@ -63,7 +54,7 @@ class PredictorTally:
         fp, fn = int(np.count_nonzero(pred)) - tp, int(np.count_nonzero(gt)) - tp
         self.tp, self.fp, self.fn = self.tp + tp, self.fp + fp, self.fn + fn
         zs = brain.any(axis=(0, 1))
-        self.slice_scores.append(slice_scores(smoothed, brain))
+        self.slice_scores.append(scores[zs])
         self.slice_labels.append(truth.any(axis=(0, 1))[zs])
         case_metrics = VoxelMetrics(bits=16)
         case_metrics.update(smoothed[brain], gt)
@@ -135,9 +126,9 @@ def evaluate_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path,
                 prepared = _prepare_one(case, spec, config)
                 ref = load_volume(prepared.reference, header_only=True) if save_maps else None
                 for name, tally in tallies.items():
-                    smoothed = tally.scorer.smoothed_volume(prepared)
+                    smoothed, scores = tally.scorer.predict_case(prepared)
                     seg = tally.scorer.post.segment(smoothed)
-                    tally.add(prepared, smoothed, seg, model)
+                    tally.add(prepared, smoothed, scores, seg, model)
                     if save_maps:
                         sub = tmp / "maps" / (name if len(tallies) > 1 else "")
                         save_like(ref, smoothed, sub / f"{case.case_id}_anomaly_map.nii.gz", np.float32)

@@ -10,7 +10,6 @@ and writes metrics.json and report.html. Several predictors share one pass over 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from anomaseg.data.layout import find_cases
 from anomaseg.data.slices import PreparedCase, SliceSpec, prepare_cases
 from anomaseg.errors import InputError
 from anomaseg.postprocess import PostProcessor
-from anomaseg.predictors.base import Predictor, create_predictor, list_predictors, top_fraction_mean
+from anomaseg.predictors.base import Predictor, create_predictor, list_predictors
 from anomaseg.run import RunPaths, load_model, load_split
 from anomaseg.runtime import autocast, default_device, fabric_precision
 from anomaseg.training import cache_for
@@ -62,22 +61,32 @@ class Scorer:
             x = torch.from_numpy(np.ascontiguousarray(images[i:i + self.batch_size])).float()
             yield x.to(self.device).contiguous(memory_format=torch.channels_last)
 
-    def slice_maps(self, case: PreparedCase) -> np.ndarray:
-        """Raw maps (Z, S, S) at model size; slices outside the model's domain get the case minimum."""
-        out = np.zeros((len(case.keep),) + case.images.shape[-2:], np.float32)
-        maps = []
+    def predict_slices(self, case: PreparedCase) -> tuple[np.ndarray, np.ndarray]:
+        """Raw maps (Z, S, S) at model size and the predictor's score per slice (Z,). Slices outside
+        the model's domain get the case's lowest map value and score."""
+        shape = (len(case.keep),) + case.images.shape[-2:]
+        maps, scores = np.zeros(shape, np.float32), np.zeros(len(case.keep), np.float32)
+        kept_maps, kept_scores = [], []
+        masks = case.masks[case.keep]
         with autocast(self.device, self._fabric_precision):
-            for x in self._batches(case.images[case.keep]):
-                maps.append(self.predictor.anomaly_map(self.model, x)[:, 0].float().cpu().numpy())
-        if maps:
-            kept = np.concatenate(maps)
-            out[case.keep] = kept
-            out[~case.keep] = kept.min()
-        return out
+            for i, x in enumerate(self._batches(case.images[case.keep])):
+                m = torch.from_numpy(masks[i * self.batch_size:(i + 1) * self.batch_size]).to(self.device)
+                batch_maps, batch_scores = self.predictor.predict(self.model, x, m[:, None])
+                kept_maps.append(batch_maps[:, 0].float().cpu().numpy())
+                kept_scores.append(batch_scores.float().cpu().numpy())
+        if kept_maps:
+            maps[case.keep], scores[case.keep] = np.concatenate(kept_maps), np.concatenate(kept_scores)
+            maps[~case.keep], scores[~case.keep] = maps[case.keep].min(), scores[case.keep].min()
+        return maps, scores
+
+    def predict_case(self, case: PreparedCase) -> tuple[np.ndarray, np.ndarray]:
+        """Post-processed anomaly map on the case's RAS+ voxel grid, and the score of every slice."""
+        maps, scores = self.predict_slices(case)
+        return self.post.smooth(case.geometry.to_volume(maps), case.brain), scores
 
     def smoothed_volume(self, case: PreparedCase) -> np.ndarray:
         """Post-processed anomaly map on the case's RAS+ voxel grid."""
-        return self.post.smooth(case.geometry.to_volume(self.slice_maps(case)), case.brain)
+        return self.predict_case(case)[0]
 
     def fit(self, healthy: list[PreparedCase], progress: bool = False) -> "Scorer":
         """Fit the predictor on healthy slices, then the threshold on their post-processed maps."""

@@ -1,8 +1,9 @@
 """One training loop for every model, on Lightning Fabric (CPU, one or many GPUs, mixed precision).
 
 Each model supplies its own optimisers and step (`AnomalyModel.make_optimizers`,
-`AnomalyModel.training_step`); this loop only feeds batches, validates on held-out healthy cases,
-writes checkpoints atomically and resumes. Batches come from a per-epoch seeded permutation, so a
+`AnomalyModel.training_step`); this loop only feeds batches, re-estimates BatchNorm statistics for
+eval mode after each epoch, validates on held-out healthy cases, writes checkpoints atomically and
+resumes. Batches come from a per-epoch seeded permutation, so a
 run interrupted mid-epoch resumes at the batch after its last checkpoint.
 """
 
@@ -23,10 +24,12 @@ from anomaseg.data.layout import find_cases
 from anomaseg.data.slices import CaseCache, prepare_cases, training_slices
 from anomaseg.errors import InputError
 from anomaseg.models import create_model
+from anomaseg.models.base import recalibrate_batchnorm
 from anomaseg.run import RunPaths, load_checkpoint, load_run_config
 from anomaseg.runtime import fabric_precision
 
 CHECKPOINT_SECONDS = 300  # also checkpoint mid-epoch after this long, so long epochs can resume
+BN_BATCHES = 32  # training batches used to re-estimate BatchNorm statistics after each epoch
 
 
 def split_cases(case_ids: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -199,6 +202,7 @@ class Trainer:
                         self._checkpoint(fabric, model, optimizers, hparams, epoch, step + 1, history, best_val)
                         last_save = time.monotonic()
             seconds = time.perf_counter() - t0
+            self._recalibrate(model, train_x, bs, to_batch, epoch)
             done = max(1, steps - first)
             record = {"epoch": epoch + 1, **{f"train_{k}": v / done for k, v in sums.items()},
                       "slices_per_second": done * bs / seconds}
@@ -217,6 +221,13 @@ class Trainer:
                 f"{k} {v:.4g}" for k, v in record.items() if k != "epoch") + (" (best)" if improved else ""))
             summary = record
         return {"history": history, "best_val_loss": best_val, **summary}
+
+    def _recalibrate(self, model, train_x, bs, to_batch, epoch) -> None:
+        """Precise BatchNorm statistics for eval mode (see `recalibrate_batchnorm`), from up to
+        BN_BATCHES training batches, before validating and checkpointing."""
+        gen = torch.Generator().manual_seed(self.config.train.seed * 7919 + epoch)
+        idx = torch.randperm(len(train_x), generator=gen)[:BN_BATCHES * bs]
+        recalibrate_batchnorm(model, (to_batch(train_x[idx[i:i + bs]]) for i in range(0, len(idx), bs)))
 
     @torch.no_grad()
     def _validate(self, fabric, model, val_x, bs, to_batch) -> dict[str, float]:

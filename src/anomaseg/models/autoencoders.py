@@ -16,6 +16,7 @@ eval mode a VAE decodes the posterior mean, so scoring is deterministic.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -89,8 +90,18 @@ class _VAE(_Autoencoder):
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         mu, logvar = self.encode(x)
-        z = self.sample(mu, logvar) if self.training else mu
+        z = self.sample(mu, logvar) if self.training and self._sampling else mu
         return ModelOutput(self.decode(z), mu, logvar)
+
+    _sampling = True
+
+    @contextlib.contextmanager
+    def deterministic(self):
+        self._sampling = False
+        try:
+            yield
+        finally:
+            del self._sampling  # back to the class default
 
     @staticmethod
     def sample(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -57,3 +57,49 @@ class AnomalyModel(nn.Module):
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         return self(x).recon
+
+    @contextlib.contextmanager
+    def deterministic(self):
+        """Within this block a train-mode forward takes the eval-mode path (no latent sampling), so
+        BatchNorm statistics can be re-estimated on the activations scoring will see."""
+        yield
+
+
+def recalibrate_batchnorm(model: nn.Module, batches, autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> int:
+    """Re-estimate the running statistics of the BatchNorm layers a forward pass uses ("precise BN").
+
+    Running averages gathered during training describe train-mode activations: those of sampled
+    latent codes (VAEs) and of weights that kept moving. Scoring runs in eval mode on the posterior
+    mean, so the statistics are recomputed on exactly that path: train-mode BatchNorm with a
+    cumulative average (momentum None) over `batches`, the model's `deterministic()` path, no
+    gradients. Layers the forward pass does not reach (a discriminator's) keep their statistics.
+    Returns the number of layers recalibrated.
+    """
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if not layers:
+        return 0
+    used: set[int] = set()
+
+    def first_use(module, _inputs):
+        if id(module) not in used:
+            used.add(id(module))
+            module.reset_running_stats()
+            module.momentum = None
+
+    momenta = {id(m): m.momentum for m in layers}
+    hooks = [m.register_forward_pre_hook(first_use) for m in layers]
+    was_training = model.training
+    model.train()
+    try:
+        with torch.no_grad(), model.deterministic(), autocast():
+            for x in batches:
+                model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m in layers:
+            m.momentum = momenta[id(m)]
+        model.train(was_training)
+    return len(used)

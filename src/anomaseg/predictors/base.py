@@ -63,6 +63,13 @@ class Predictor:
     def score(self, model, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return top_fraction_mean(self.anomaly_map(model, x), mask)
 
+    def predict(self, model, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(anomaly_map, score) of a batch; computes the map once when `score` is the default."""
+        maps = self.anomaly_map(model, x)
+        if type(self).score is Predictor.score:
+            return maps, top_fraction_mean(maps, mask)
+        return maps, self.score(model, x, mask)
+
     def supports(self, model) -> bool:
         return set(self.requires) <= model_capabilities(model)
 
