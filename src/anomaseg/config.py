@@ -24,6 +24,7 @@ class DataConfig:
     percentiles: list[float] = field(default_factory=lambda: [1.0, 99.0])
     clip_max: float = 2.0
     min_brain_fraction: float = 0.25
+    crop_to_brain: bool = True  # crop slices to the brain's in-plane bounding box before resizing
     val_fraction: float = 0.2  # healthy cases held out (whole cases) for validation and calibration
     cache_dir: str | None = "default"  # "default": $ANOMASEG_CACHE or ~/.cache/anomaseg; null: no cache
 
@@ -34,7 +35,7 @@ class DataConfig:
 
     def slice_spec(self) -> SliceSpec:
         return SliceSpec(tuple(self.modalities), int(self.image_size), tuple(self.percentiles),
-                         float(self.clip_max), float(self.min_brain_fraction))
+                         float(self.clip_max), float(self.min_brain_fraction), bool(self.crop_to_brain))
 
 
 @dataclass

@@ -76,3 +76,25 @@ def test_cache_avoids_rereading_and_notices_changes(lesioned_dir, tmp_path, monk
         f.write_bytes(b"broken")
     rebuilt = cache.get(case, spec)
     np.testing.assert_array_equal(rebuilt.images, first.images)
+
+
+def test_geometry_crops_to_the_brain_box_and_maps_back():
+    brain = np.zeros((40, 50, 6), bool)
+    brain[10:26, 12:44, 1:5] = True  # 16 x 32 in-plane box
+    g = SliceGeometry.for_shape(brain.shape, size=32, brain=brain, margin=0)
+    assert g.box == ((10, 26), (12, 44)) and g.side == 32 and g.pad == (8, 0)
+    vol = np.random.default_rng(0).random(brain.shape).astype(np.float32)
+    s = g.to_slices(vol)
+    np.testing.assert_allclose(s[:, 0, 8:24, :].numpy(), np.moveaxis(vol[10:26, 12:44], 2, 0), atol=1e-6)
+    back = g.to_volume(s, fill=-1.0)
+    np.testing.assert_allclose(back[10:26, 12:44], vol[10:26, 12:44], atol=1e-6)
+    assert np.all(back[:10] == -1.0) and np.all(back[:, 44:] == -1.0)
+
+
+def test_cropping_is_part_of_the_spec(lesioned_dir):
+    case = find_cases(lesioned_dir, ["flair"])[0]
+    cropped = prepare_case(case, SliceSpec(image_size=32))
+    full = prepare_case(case, SliceSpec(image_size=32, crop_to_brain=False))
+    assert cropped.geometry.crop is not None and full.geometry.crop is None
+    # the brain covers more of the model's input when cropped
+    assert cropped.masks.mean() > full.masks.mean()

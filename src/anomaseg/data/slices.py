@@ -3,8 +3,10 @@
 Per case and modality: intensities are scaled so that the `percentiles` (default 1st and 99th) of
 the brain voxels map to 0 and 1 (voxels outside the brain are 0; values are clipped to
 [0, `clip_max`] so that hyper-intense lesions stay above healthy tissue without letting single
-outliers dominate). Each axial slice (RAS+, `data[:, :, k]`) is zero-padded to a square (never
-stretched) and resized to `image_size`. Slices whose brain area is below `min_brain_fraction` of the
+outliers dominate). Each axial slice (RAS+, `data[:, :, k]`) is cropped to the in-plane bounding
+box of the volume's brain mask (`crop_to_brain`, plus 2 voxels; the same box for all slices of a
+volume, so the brain fills the model's input whatever the field of view), zero-padded to a square
+(never stretched) and resized to `image_size`. Slices whose brain area is below `min_brain_fraction` of the
 volume's largest axial brain area are outside the model's domain: not trained on, and scored with
 the lowest value of the case. Preprocessed cases are cached on disk, keyed by the files' paths,
 sizes and modification times and by the preprocessing settings.
@@ -27,7 +29,7 @@ from anomaseg.data.io import Volume, check_same_grid, load_volume
 from anomaseg.data.layout import Case
 from anomaseg.errors import InputError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class SliceSpec:
     percentiles: tuple[float, float] = (1.0, 99.0)
     clip_max: float = 2.0
     min_brain_fraction: float = 0.25
+    crop_to_brain: bool = True
 
     def __post_init__(self):
         size = self.image_size
@@ -56,23 +59,40 @@ class SliceGeometry:
     """Where the model-size slices sit in the RAS+ volume."""
 
     shape: tuple[int, int, int]  # RAS+ volume shape (X, Y, Z)
-    side: int  # square side after padding
-    pad: tuple[int, int]  # zeros added before X and before Y
+    side: int  # square side after cropping and padding
+    pad: tuple[int, int]  # zeros added before X and before Y (after cropping)
     size: int  # model input size
+    crop: tuple[tuple[int, int], tuple[int, int]] | None = None  # in-plane box [x0, x1) x [y0, y1); None: all
 
     @classmethod
-    def for_shape(cls, shape, size: int) -> "SliceGeometry":
-        x, y, _ = shape
+    def for_shape(cls, shape, size: int, brain: np.ndarray | None = None, margin: int = 2) -> "SliceGeometry":
+        """Geometry of a volume; with `brain`, slices are cropped in-plane to the brain's box
+        (plus `margin` voxels), the same box for every slice of the volume."""
+        shape = tuple(int(s) for s in shape)
+        crop = None
+        if brain is not None and brain.any():
+            box = []
+            for axis in (0, 1):
+                hit = np.flatnonzero(brain.any(axis=(1 - axis, 2)))
+                box.append((max(0, int(hit[0]) - margin), min(shape[axis], int(hit[-1]) + 1 + margin)))
+            crop = tuple(box)
+        (x0, x1), (y0, y1) = crop or ((0, shape[0]), (0, shape[1]))
+        x, y = x1 - x0, y1 - y0
         side = max(x, y)
-        return cls(tuple(int(s) for s in shape), side, ((side - x) // 2, (side - y) // 2), size)
+        return cls(shape, side, ((side - x) // 2, (side - y) // 2), size, crop)
+
+    @property
+    def box(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        return self.crop or ((0, self.shape[0]), (0, self.shape[1]))
 
     def to_slices(self, volume: np.ndarray, mode: str = "bilinear") -> torch.Tensor:
         """(X, Y, Z) or (C, X, Y, Z) -> (Z, C, size, size) float32."""
         v = torch.as_tensor(np.asarray(volume, dtype=np.float32))
         if v.ndim == 3:
             v = v[None]
-        v = v.permute(3, 0, 1, 2)  # Z, C, X, Y
-        x, y, _ = self.shape
+        (x0, x1), (y0, y1) = self.box
+        v = v.permute(3, 0, 1, 2)[:, :, x0:x1, y0:y1]  # Z, C, X, Y
+        x, y = x1 - x0, y1 - y0
         px, py = self.pad
         v = F.pad(v, (py, self.side - y - py, px, self.side - x - px))
         if self.side != self.size:
@@ -83,17 +103,19 @@ class SliceGeometry:
                                   antialias=self.side > self.size)
         return v.contiguous()
 
-    def to_volume(self, slices: torch.Tensor | np.ndarray) -> np.ndarray:
-        """(Z, size, size) or (Z, 1, size, size) maps -> (X, Y, Z) float32 volume (bilinear)."""
+    def to_volume(self, slices: torch.Tensor | np.ndarray, fill: float = 0.0) -> np.ndarray:
+        """(Z, size, size) or (Z, 1, size, size) maps -> (X, Y, Z) float32 volume (bilinear);
+        voxels outside the crop box get `fill`."""
         s = torch.as_tensor(slices, dtype=torch.float32)
         if s.ndim == 3:
             s = s[:, None]
         if self.side != self.size:
             s = F.interpolate(s, size=(self.side, self.side), mode="bilinear", align_corners=False)
-        x, y, _ = self.shape
+        (x0, x1), (y0, y1) = self.box
         px, py = self.pad
-        s = s[:, 0, px:px + x, py:py + y]
-        return s.permute(1, 2, 0).contiguous().numpy()
+        out = np.full(self.shape, fill, np.float32)
+        out[x0:x1, y0:y1] = s[:, 0, px:px + x1 - x0, py:py + y1 - y0].permute(1, 2, 0).numpy()
+        return out
 
 
 @dataclass
@@ -164,7 +186,7 @@ def load_case_volumes(case: Case, spec: SliceSpec) -> tuple[list[Volume], np.nda
 
 def prepare_case(case: Case, spec: SliceSpec) -> PreparedCase:
     vols, brain, truth = load_case_volumes(case, spec)
-    geometry = SliceGeometry.for_shape(vols[0].shape, spec.image_size)
+    geometry = SliceGeometry.for_shape(vols[0].shape, spec.image_size, brain if spec.crop_to_brain else None)
     stack = np.stack([normalise(v.data, brain, spec) for v in vols])
     images = geometry.to_slices(stack).to(torch.float16).numpy()
     masks = geometry.to_slices(brain).squeeze(1).numpy() > 0.5
@@ -231,7 +253,8 @@ def _write_prepared(path: Path, p: PreparedCase) -> None:
 def _read_prepared(path: Path, case: Case) -> PreparedCase:
     with np.load(path) as z:
         g = json.loads(str(z["geometry"]))
-        geometry = SliceGeometry(tuple(g["shape"]), g["side"], tuple(g["pad"]), g["size"])
+        crop = None if g.get("crop") is None else tuple(tuple(b) for b in g["crop"])
+        geometry = SliceGeometry(tuple(g["shape"]), g["side"], tuple(g["pad"]), g["size"], crop)
         n = int(np.prod(geometry.shape))
         unpack = lambda a: np.unpackbits(a, count=n).reshape(geometry.shape).astype(bool)  # noqa: E731
         has_labels = "labels" in z.files
