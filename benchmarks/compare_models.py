@@ -22,11 +22,9 @@ the machine's load: compare it only within one run of this script. The quick mod
 everything runs: its models barely train (their maps are little more than the image itself, so
 all models score alike) and its throughput is dominated by the first steps' warm-up.
 
-Full-mode budget (defaults): 16 healthy subjects (13 train, 3 held out per seed; the split follows
-the training seed, the same for every model), 8 lesioned, 64 px, 30 epochs of ~24 batches of 32
-slices, seeds 0 1 2: 18 runs. Estimated on an idle 2-core CPU from per-batch costs measured at
-64 px (AE/VAE ~250 slices/s, AnoVAEGAN ~135, Skip-GANomaly 32/256 ~110): ~40 min of training plus
-~10 min of validation, calibration and evaluation.
+Full-mode budget (defaults): 40 healthy subjects (32 train, 8 held out per seed; the split follows
+the training seed, the same for every model), 8 lesioned, 64 px, 12 epochs of ~60 batches of 32
+slices, seeds 0 1 2: 18 runs.
 """
 
 from __future__ import annotations
@@ -55,7 +53,7 @@ CPU_OVERRIDES = {"skip_ganomaly": {"base_channels": 32, "max_channels": 256}}
 QUICK_OVERRIDES = {"skip_ganomaly": {"base_channels": 16, "max_channels": 128}}
 METRICS = ("pixel_auroc", "pixel_auprc", "dice_best", "dice_at_threshold")
 
-FULL = dict(image_size=64, healthy=16, lesioned=8, epochs=30, batch_size=32, max_steps=None, seeds=[0, 1, 2])
+FULL = dict(image_size=64, healthy=40, lesioned=8, epochs=12, batch_size=32, max_steps=None, seeds=[0, 1, 2])
 QUICK = dict(image_size=32, healthy=4, lesioned=2, epochs=1, batch_size=16, max_steps=3, seeds=[0, 1])
 
 

@@ -3,12 +3,11 @@
     .venv/bin/python benchmarks/study_vae_predictors.py            # the full study (~75-90 min, idle 2-core CPU)
     .venv/bin/python benchmarks/study_vae_predictors.py --quick    # a smoke test of the pipeline (~2 min)
 
-Default budget: 2 models x 5 betas (0.5, 1, 2, 4, 8) x 3 seeds = 30 runs, each 10 epochs at 64 px on
-the ~600 slices of 10 healthy training cases (2 more held out), evaluated on 5 lesioned cases with
-7 predictors. The time is an estimate from measured parts, not from a full run: training ~275
-slices/s at 64 px, post-processing + report ~1.5 s per volume and predictor, projection ~56 forward
-passes per slice (benchmarks/bench_predictors.py) -- about 2.5 min per run on an idle machine, several
-times that on a busy one. Scale with --epochs, --seeds, --betas, --healthy, --lesioned.
+Default budget: 2 models x 7 betas (0.05, 0.25, 0.5, 1, 2, 4, 8: the paper's 0.5-8 plus the small
+betas at which our reconstructions stop blurring) x 3 seeds = 42 runs, each 12 epochs at 64 px on
+the ~1400 slices of 24 healthy training cases (6 more held out), evaluated on 5 lesioned cases with
+7 predictors: about 2 min per run on an idle 2-core CPU. Scale with --epochs, --seeds, --betas,
+--healthy, --lesioned.
 
 On the built-in phantom (`anomaseg.data.phantom.make_phantom`, 2 mm, FLAIR): for each model (spatial
 and dense VAE, the library's default architectures), each beta and each seed, one run is trained
@@ -71,14 +70,14 @@ def ints(s: str) -> list[int]:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="spatial_vae,dense_vae")
-    ap.add_argument("--betas", type=floats, default=[0.5, 1, 2, 4, 8])
+    ap.add_argument("--betas", type=floats, default=[0.05, 0.25, 0.5, 1, 2, 4, 8])
     ap.add_argument("--seeds", type=ints, default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--max-steps-per-epoch", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--healthy", type=int, default=12, help="phantom healthy cases (training + held-out)")
+    ap.add_argument("--healthy", type=int, default=30, help="phantom healthy cases (training + held-out)")
     ap.add_argument("--lesioned", type=int, default=5, help="phantom lesioned test cases")
     ap.add_argument("--phantom-seed", type=int, default=0)
     ap.add_argument("--predictors", default=",".join(PREDICTORS))

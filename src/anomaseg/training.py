@@ -125,7 +125,8 @@ class Trainer:
         from lightning.fabric import Fabric
         from tqdm.auto import tqdm
 
-        logging.getLogger("lightning.fabric").setLevel(logging.WARNING)  # we print the precision ourselves
+        for name in ("lightning.fabric", "lightning.pytorch"):  # we print the precision ourselves
+            logging.getLogger(name).setLevel(logging.WARNING)
 
         c, paths = self.config, self.paths
         start_epoch, start_step, state = 0, 0, None
