@@ -122,3 +122,14 @@ def test_training_step_reduces_loss_on_a_fixed_batch(name):
     with torch.no_grad():
         last = model.validation_losses(x)["loss"]
     assert last < first
+
+
+def test_registry_refuses_duplicates_and_names_unknown_entries():
+    import pytest as _pytest
+
+    from anomaseg.models.registry import MODELS, register_model
+
+    with _pytest.raises(ValueError, match="model 'spatial_vae' is already registered"):
+        register_model("spatial_vae", description="again")(object)
+    with _pytest.raises(KeyError, match="unknown model 'nope'; registered: anovaegan"):
+        MODELS.entry("nope")

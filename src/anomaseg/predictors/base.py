@@ -16,10 +16,11 @@ A predictor turns a trained model and an image batch into a per-pixel anomaly ma
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, ClassVar, Iterable
+from typing import ClassVar, Iterable
 
 import torch
+
+from anomaseg.registry import Entry, Registry
 
 TOP_FRACTION = 0.01  # image score: mean of the highest 1% of the map inside the brain
 
@@ -94,47 +95,26 @@ class Predictor:
         return f"{type(self).__name__}({params})"
 
 
-@dataclass(frozen=True)
-class PredictorEntry:
-    name: str
-    cls: Callable[..., Predictor]
-    description: str
-
-
-_REGISTRY: dict[str, PredictorEntry] = {}
-
-
-def register_predictor(name: str, *, description: str):
-    def decorator(cls):
-        if name in _REGISTRY:
-            raise ValueError(f"predictor {name!r} is already registered")
-        cls.name = name
-        _REGISTRY[name] = PredictorEntry(name, cls, description)
-        return cls
-
-    return decorator
-
-
-def _ensure_builtin() -> None:
+def _load_builtin_predictors() -> None:
     # Imported here, explicitly, so that every built-in predictor is registered before any lookup.
     from anomaseg.predictors import adversarial, ensemble, gradients, projection, residual  # noqa: F401
 
 
-def list_predictors() -> list[str]:
-    _ensure_builtin()
-    return sorted(_REGISTRY)
+PREDICTORS = Registry("predictor", _load_builtin_predictors)
+list_predictors = PREDICTORS.names
 
 
-def predictor_entry(name: str) -> PredictorEntry:
-    _ensure_builtin()
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown predictor {name!r}; available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+def register_predictor(name: str, *, description: str):
+    def decorator(cls):
+        cls.name = name
+        return PREDICTORS.register(name, description=description)(cls)
+
+    return decorator
+
+
+def predictor_entry(name: str) -> Entry:
+    return PREDICTORS.entry(name)
 
 
 def create_predictor(name: str, **params) -> Predictor:
-    entry = predictor_entry(name)
-    try:
-        return entry.cls(**params)
-    except TypeError as exc:
-        raise TypeError(f"predictor {name!r}: {exc}") from None
+    return PREDICTORS.build(name, **params)
