@@ -125,11 +125,9 @@ def test_training_step_reduces_loss_on_a_fixed_batch(name):
 
 
 def test_registry_refuses_duplicates_and_names_unknown_entries():
-    import pytest as _pytest
-
     from anomaseg.models.registry import MODELS, register_model
 
-    with _pytest.raises(ValueError, match="model 'spatial_vae' is already registered"):
+    with pytest.raises(ValueError, match="model 'spatial_vae' is already registered"):
         register_model("spatial_vae", description="again")(object)
-    with _pytest.raises(KeyError, match="unknown model 'nope'; registered: anovaegan"):
+    with pytest.raises(KeyError, match="unknown model 'nope'; registered: anovaegan"):
         MODELS.entry("nope")
