@@ -80,12 +80,23 @@ def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
     return model
 
 
-def load_model(run_dir: str | Path, which: str = "best") -> tuple[torch.nn.Module, cfg.RunConfig]:
+def scoring_checkpoint(run_dir: str | Path) -> Path:
+    """The checkpoint scoring uses: the best one (lowest validation loss), else the last."""
+    paths = RunPaths(Path(run_dir))
+    return paths.best if paths.best.exists() else paths.last
+
+
+def checkpoint_stamp(run_dir: str | Path) -> str:
+    """Identifies the scoring checkpoint's version (a calibration is valid for that version only)."""
+    path = scoring_checkpoint(run_dir)
+    st = path.stat() if path.exists() else None
+    return f"{path.name}:{st.st_size}:{st.st_mtime_ns}" if st else "missing"
+
+
+def load_model(run_dir: str | Path) -> tuple[torch.nn.Module, cfg.RunConfig]:
     """The trained model of a run (eval mode, on the CPU) and the run's configuration."""
     config = load_run_config(run_dir)
-    paths = RunPaths(Path(run_dir))
-    path = paths.best if which == "best" and paths.best.exists() else paths.last
-    model = model_from_checkpoint(load_checkpoint(path))
+    model = model_from_checkpoint(load_checkpoint(scoring_checkpoint(run_dir)))
     return model.eval(), config
 
 

@@ -24,7 +24,7 @@ from anomaseg.data.slices import PreparedCase, SliceSpec, prepare_cases
 from anomaseg.errors import InputError
 from anomaseg.postprocess import PostProcessor
 from anomaseg.predictors.base import Predictor, create_predictor, list_predictors
-from anomaseg.run import RunPaths, load_model, load_split
+from anomaseg.run import RunPaths, checkpoint_stamp, load_model, load_split
 from anomaseg.runtime import autocast, default_device, fabric_precision
 from anomaseg.training import cache_for
 
@@ -107,8 +107,9 @@ class Scorer:
 # --------------------------------------------------------------------------- calibration
 def calibrate(run_dir: str | Path, predictor: str | None = None, params: dict | None = None,
               progress: bool = True, force: bool = False) -> Scorer:
-    """A fitted Scorer for a run: read from RUN/calibration.json, or fitted on the run's held-out
-    healthy cases and stored there."""
+    """A fitted Scorer for a run: read from RUN/calibration.json (if it was fitted for the same
+    checkpoint, predictor and post-processing), or fitted on the run's held-out healthy cases and
+    stored there."""
     model, config = load_model(run_dir)
     name = predictor or config.score.predictor
     params = dict(config.score.predictor_params if predictor is None else (params or {}))
@@ -122,7 +123,8 @@ def calibrate(run_dir: str | Path, predictor: str | None = None, params: dict | 
                                      f"{config.model.name} has not")
     scorer = Scorer(model, pred, post_settings, config.score.batch_size, precision=config.train.precision)
     entry = store.get(key)
-    if entry and not force and entry.get("postprocess") == vars_of(post_settings):
+    stamp = checkpoint_stamp(run_dir)
+    if entry and not force and entry.get("postprocess") == vars_of(post_settings) and entry.get("checkpoint") == stamp:
         pred.load_fitted_state(entry["predictor_state"])
         scorer.post.threshold_ = entry["threshold"]
         return scorer
@@ -134,7 +136,7 @@ def calibrate(run_dir: str | Path, predictor: str | None = None, params: dict | 
     cases = [c for c in find_cases(config.train_dir, config.data.modalities) if c.case_id in set(ids)]
     prepared = prepare_cases(cases, config.data.slice_spec(), cache_for(config), progress, "preparing calibration cases")
     scorer.fit(prepared, progress)
-    store[key] = {"predictor": name, "params": params, "predictor_state": pred.fitted_state(),
+    store[key] = {"predictor": name, "params": params, "checkpoint": stamp, "predictor_state": pred.fitted_state(),
                   "postprocess": vars_of(post_settings), "threshold": scorer.post.threshold_,
                   "healthy_fpr": config.score.healthy_fpr, "calibration_cases": ids,
                   "n_calibration_voxels": scorer.post.n_calibration_voxels_}
