@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/compare_models.py            # full: ~60 min on an idle 2-core CPU
     .venv/bin/python benchmarks/compare_models.py --quick    # smoke test: ~2 min
+    .venv/bin/python benchmarks/compare_models.py --resume   # go on after an interruption
 
 Every registered model is trained on the same phantom data (FLAIR, healthy cases in train/, whole
 cases held out for validation and threshold calibration) with the same budget (epochs, batch size,
@@ -73,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-params", default="{}", help="JSON {model: {param: value}} merged over the presets")
     p.add_argument("--work", help="working folder (phantom, runs, evaluations); default benchmarks/results/work[_quick]")
     p.add_argument("--keep", action="store_true", help="keep the working folder (runs and reports)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse runs of an interrupted invocation (same settings) that finished training and evaluation")
     p.add_argument("--out", help="output stem (default benchmarks/results/model_comparison[_quick])")
     args = p.parse_args(argv)
     base = QUICK if args.quick else FULL
@@ -104,6 +107,15 @@ def training_slice_count(config: cfg.RunConfig, split: dict) -> int:
     by_id = {c.case_id: c for c in find_cases(config.train_dir, config.data.modalities)}
     prepared = prepare_cases([by_id[i] for i in split["train"]], config.data.slice_spec(), cache_for(config), False)
     return int(sum(p.keep.sum() for p in prepared))
+
+
+def finished(run: Path, evaluation: Path, epochs: int) -> bool:
+    """True when `run` trained all `epochs` and `evaluation` holds its metrics."""
+    from anomaseg.run import RunPaths
+
+    history = run / "history.json"
+    return (RunPaths(run).last.exists() and (evaluation / "metrics.json").exists() and history.exists()
+            and len(json.loads(history.read_text())) >= epochs)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -157,19 +169,26 @@ def main(argv=None) -> int:
     n_runs = len(models) * len(args.seeds)
     for i, (seed, name) in enumerate((s, m) for s in args.seeds for m in models):
         run, evaluation = work / "runs" / f"{name}_seed{seed}", work / "eval" / f"{name}_seed{seed}"
-        shutil.rmtree(run, ignore_errors=True)
-        shutil.rmtree(evaluation, ignore_errors=True)
         config = model_config(name, args, seed, work / "phantom" / "train", work / "cache", extra)
-        t = time.perf_counter()
-        train(config, run, progress=False)
-        train_seconds = time.perf_counter() - t
+        if args.resume and finished(run, evaluation, args.epochs):
+            # Timings of a run finished before the interruption come from its files' modification times.
+            train_seconds = RunPaths(run).last.stat().st_mtime - (run / "config.yaml").stat().st_mtime
+            eval_seconds = (evaluation / "metrics.json").stat().st_mtime - RunPaths(run).last.stat().st_mtime
+            metrics = json.loads((evaluation / "metrics.json").read_text())
+        else:
+            shutil.rmtree(run, ignore_errors=True)
+            shutil.rmtree(evaluation, ignore_errors=True)
+            t = time.perf_counter()
+            train(config, run, progress=False)
+            train_seconds = time.perf_counter() - t
+            metrics = evaluate_dataset(run, work / "phantom" / "test", evaluation, progress=False)
+            eval_seconds = time.perf_counter() - t - train_seconds
         state = load_checkpoint(RunPaths(run).last)
         history = state["history"]
-        metrics = evaluate_dataset(run, work / "phantom" / "test", evaluation, progress=False)
         split = load_split(run)
         model = model_from_checkpoint(state)
         row = {"model": name, "seed": seed, "parameters": sum(p.numel() for p in model.parameters()),
-               "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - t - train_seconds,
+               "train_seconds": train_seconds, "eval_seconds": eval_seconds,
                "slices_per_second": statistics.median(h["slices_per_second"] for h in history),
                "n_train_cases": len(split["train"]), "n_val_cases": len(split["val"]),
                "n_train_slices": training_slice_count(config, split),
@@ -213,7 +232,7 @@ def main(argv=None) -> int:
     write_text(out_stem.with_suffix(".md"), table)
     print(table)
     print(f"total {setup['total_seconds']:.0f} s; wrote {out_stem.with_suffix('.json')} and {out_stem.with_suffix('.md')}")
-    if not args.keep:
+    if not (args.keep or args.resume):
         shutil.rmtree(work, ignore_errors=True)
     return 0
 
