@@ -24,8 +24,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The short benchmarks (~20 min on an idle 2-core CPU). The paper reproductions take longer and run
+# on their own: benchmarks/compare_models.py, benchmarks/study_vae_predictors.py (benchmarks/README.md).
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/bench_speed.py
+	$(PY) benchmarks/bench_metrics.py
+	$(PY) benchmarks/bench_predictors.py
+	$(PY) benchmarks/bench_demo.py
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache
