@@ -248,6 +248,8 @@ def plot(agg: dict, path: Path) -> None:
                 ax.errorbar(xs, ys, yerr=es, marker="o", ms=3, capsize=2, label=pred,
                             lw=2.2 if pred == "ensemble" else 1.2)
             ax.set_xscale("log", base=2)
+            ax.set_xticks([float(b) for b in betas], betas)  # the betas themselves, not powers of 2
+            ax.minorticks_off()
             ax.set_title(f"{model}: {label}", fontsize=10)
             ax.grid(alpha=0.3)
             if i == len(TABLE_METRICS) - 1:
