@@ -24,12 +24,14 @@ import torch
 from anomaseg.atomic import atomic_dir, write_text
 from anomaseg.data.io import load_volume, save_like
 from anomaseg.metrics import VoxelMetrics, binary_auprc, binary_auroc, dice_score
-from anomaseg.report import CaseOverlay, write_report
+from anomaseg.report import CaseOverlay, SideBySide, write_comparison_report, write_report
 from anomaseg.run import load_model
 from anomaseg.scoring import (OUTPUT_MARKER, Scorer, _check_output_dir, _prepare_one, _test_cases, calibrate,
                               resolve_predictors)
 
 N_OVERLAYS = 2  # best and worst cases shown in the report
+N_SIDE_BY_SIDE = 3  # cases (largest lesions) shown with every predictor's map in the comparison report
+SUMMARY_KEYS = ["pixel_auroc", "pixel_auprc", "dice_best", "dice_at_threshold", "image_auroc"]
 
 
 @dataclass
@@ -86,20 +88,32 @@ class PredictorTally:
         }
 
 
-def _display(case, smoothed, seg, model) -> CaseOverlay | None:
-    """The axial slice with the most lesion (or predicted) voxels, at model size, anterior up."""
-    area = case.truth.sum(axis=(0, 1)) if case.truth.any() else seg.sum(axis=(0, 1))
+def _view(case, area: np.ndarray):
+    """(z, to2d): the axial slice with the largest `area` (or the middle one) and a function that
+    takes a volume's slice z to model size, oriented for display (anterior up)."""
     z = int(np.argmax(area)) if area.any() else case.truth.shape[2] // 2
     g = case.geometry
-    to2d = lambda vol, mode="bilinear": g.to_slices(vol[:, :, z:z + 1].astype(np.float32), mode)[0, 0].numpy()  # noqa: E731
-    show = lambda a: np.ascontiguousarray(a.T[::-1])  # noqa: E731  (x, y) -> rows = y flipped
+
+    def to2d(vol: np.ndarray, mode: str = "bilinear") -> np.ndarray:
+        return _show(g.to_slices(vol[:, :, z:z + 1].astype(np.float32), mode)[0, 0].numpy())
+
+    return z, to2d
+
+
+def _show(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a.T[::-1])  # (x, y) -> rows = y flipped
+
+
+def _display(case, smoothed, seg, model) -> CaseOverlay | None:
+    """The axial slice with the most lesion (or predicted) voxels, at model size, anterior up."""
+    z, to2d = _view(case, case.truth.sum(axis=(0, 1)) if case.truth.any() else seg.sum(axis=(0, 1)))
     image = case.images[z, 0].astype(np.float32)
     with torch.no_grad():
         x = torch.from_numpy(case.images[z:z + 1].astype(np.float32))
         device = next(model.parameters()).device
         recon = model.reconstruct(x.to(device))[0, 0].float().cpu().numpy()
-    return CaseOverlay(case.case_id, 0.0, show(image), show(recon), show(to2d(smoothed)),
-                       show(to2d(seg, "nearest") > 0.5), show(to2d(case.truth, "nearest") > 0.5))
+    return CaseOverlay(case.case_id, 0.0, _show(image), _show(recon), to2d(smoothed),
+                       to2d(seg, "nearest") > 0.5, to2d(case.truth, "nearest") > 0.5)
 
 
 def evaluate_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path, predictors: str | None = None,
@@ -120,19 +134,28 @@ def evaluate_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path,
                            progress)
         tallies[scorer.predictor.name] = PredictorTally(scorer)
     model = next(iter(tallies.values())).scorer.model
+    side_by_side: list[tuple[int, str, SideBySide]] = []  # (lesion voxels, case id, panel), largest first
     with atomic_dir(out_dir) as tmp:
         with tqdm(cases, desc="evaluating", unit="case", disable=not progress) as bar:
             for case in bar:
                 prepared = _prepare_one(case, spec, config)
                 ref = load_volume(prepared.reference, header_only=True) if save_maps else None
+                z, to2d = _view(prepared, prepared.truth.sum(axis=(0, 1)))
+                row = SideBySide(case.case_id, _show(prepared.images[z, 0].astype(np.float32)),
+                                 to2d(prepared.truth, "nearest") > 0.5, {})
                 for name, tally in tallies.items():
                     smoothed, scores = tally.scorer.predict_case(prepared)
                     seg = tally.scorer.post.segment(smoothed)
                     tally.add(prepared, smoothed, scores, seg, model)
+                    row.maps[name] = to2d(smoothed)
                     if save_maps:
                         sub = tmp / "maps" / (name if len(tallies) > 1 else "")
                         save_like(ref, smoothed, sub / f"{case.case_id}_anomaly_map.nii.gz", np.float32)
                         save_like(ref, seg, sub / f"{case.case_id}_segmentation.nii.gz", np.uint8)
+                if len(tallies) > 1:
+                    side_by_side.append((int(prepared.truth.sum()), case.case_id, row))
+                    side_by_side.sort(key=lambda r: (-r[0], r[1]))
+                    del side_by_side[N_SIDE_BY_SIDE:]
         results = {}
         for name, tally in tallies.items():
             folder = tmp if len(tallies) == 1 else tmp / name
@@ -141,6 +164,7 @@ def evaluate_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path,
             summary = {name: {k: v for k, v in r.items() if k != "per_case"} for name, r in results.items()}
             write_text(tmp / "summary.json", json.dumps(_jsonable(summary), indent=1))
             write_text(tmp / "summary.md", summary_table(summary))
+            write_comparison_report(tmp / "report.html", summary, [r for _, _, r in side_by_side], SUMMARY_KEYS)
         (tmp / OUTPUT_MARKER).touch()
     return results[next(iter(results))] if len(results) == 1 else results
 
@@ -162,7 +186,7 @@ def _write_results(folder: Path, tally: PredictorTally, run_dir, data) -> dict:
 
 
 def summary_table(summary: dict) -> str:
-    keys = ["pixel_auroc", "pixel_auprc", "dice_best", "dice_at_threshold", "image_auroc"]
+    keys = SUMMARY_KEYS
     lines = ["| predictor | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, r in summary.items():
         lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |")

@@ -22,7 +22,7 @@ import numpy as np
 
 from anomaseg.atomic import write_text
 
-__all__ = ["CaseOverlay", "write_report"]
+__all__ = ["CaseOverlay", "SideBySide", "write_comparison_report", "write_report"]
 
 _DPI = 72  # modest: a 4-panel overlay row is ~30-60 kB
 _PRED_COLOUR = "#ff2020"  # prediction outline: red, solid
@@ -40,6 +40,16 @@ class CaseOverlay:
     anomaly_map: np.ndarray
     prediction: np.ndarray  # bool, predicted segmentation
     truth: np.ndarray  # bool, ground truth
+
+
+@dataclass
+class SideBySide:
+    """One case's slice under several predictors. Arrays are 2D, oriented for display."""
+
+    case_id: str
+    image: np.ndarray
+    truth: np.ndarray  # bool
+    maps: dict  # predictor name -> anomaly map
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,6 +217,30 @@ def _overlay_png(ov: CaseOverlay) -> str:
     return _png(fig)
 
 
+def _side_by_side_png(row: SideBySide) -> str:
+    """Input with the true outline, then each predictor's map (own colour scale) with it."""
+    from matplotlib.figure import Figure
+
+    image = np.asarray(row.image, dtype=np.float32)
+    panels = 1 + len(row.maps)
+    fig = Figure(figsize=(2.4 * panels, 2.8))
+    axes = np.atleast_1d(fig.subplots(1, panels))
+    vmin, vmax = _finite_range(image)
+    axes[0].imshow(image, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+    axes[0].set_title("input", fontsize=9)
+    for ax, (name, amap) in zip(axes[1:], row.maps.items()):
+        lo, hi = _finite_range(np.asarray(amap, dtype=np.float32))
+        ax.imshow(amap, cmap="inferno", vmin=lo, vmax=hi, interpolation="nearest")
+        ax.set_title(_mpl_text(name), fontsize=9)
+    for ax in axes:
+        _outline(ax, row.truth, _TRUE_COLOUR, "dashed")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(_mpl_text(f"{row.case_id} (true outline dashed)"), fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
 # ----------------------------------------------------------------------------------------------
 # HTML
 # ----------------------------------------------------------------------------------------------
@@ -323,4 +357,27 @@ def write_report(
         + "\n</body>\n</html>\n"
     )
     # pure ASCII (non-ASCII as character references): independent of the locale's file encoding
+    write_text(Path(path), doc.encode("ascii", "xmlcharrefreplace").decode("ascii"))
+
+
+def write_comparison_report(path, summary: dict, rows: list[SideBySide], keys: list[str],
+                            title: str = "anomaseg: predictor comparison") -> None:
+    """One self-contained HTML file comparing predictors: ``summary`` {predictor: metrics} as a
+    table (``keys`` as columns; each predictor links to its own report in ``<predictor>/report.html``)
+    and, per case in ``rows``, the maps of every predictor side by side. Written atomically."""
+    head = "".join(f"<th>{_esc(k)}</th>" for k in keys)
+    body = "".join(
+        f'<tr><td class="key"><a href="{_esc(name)}/report.html">{_esc(name)}</a></td>'
+        + "".join(f"<td>{_esc(_fmt(m.get(k)))}</td>" for k in keys) + "</tr>"
+        for name, m in summary.items()
+    )
+    sections = [f'<h2>Metrics</h2><table><tr><th class="key">predictor</th>{head}</tr>{body}</table>',
+                f"<h2>Maps side by side ({len(rows)} case(s) with the largest lesions)</h2>"]
+    sections += [f"<figure>{_img(_side_by_side_png(r), r.case_id)}</figure>" for r in rows] or \
+        ['<p class="note">no cases</p>']
+    created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    doc = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+           f"<title>{_esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n<h1>{_esc(title)}</h1>\n"
+           f'<p class="note">generated {_esc(created)} by anomaseg</p>\n' + "\n".join(sections)
+           + "\n</body>\n</html>\n")
     write_text(Path(path), doc.encode("ascii", "xmlcharrefreplace").decode("ascii"))

@@ -37,6 +37,10 @@ def test_evaluate_all_predictors_of_a_vae(run, tmp_path):
     for name in VAE_PREDICTORS:
         assert (tmp_path / "e" / name / "metrics.json").exists()
         assert 0 <= summary[name]["pixel_auroc"] <= 1
+    report = (tmp_path / "e" / "report.html").read_text()  # the comparison: a table and maps side by side
+    for name in VAE_PREDICTORS:
+        assert f'href="{name}/report.html"' in report
+    assert report.count("<img") == 2  # one row of maps per lesioned case (2 here)
     calibration = json.loads((out / "calibration.json").read_text())
     state = calibration["ensemble"]["predictor_state"]
     assert len(state["mean_"]) == 2 and len(state["member_states_"]) == 2
