@@ -1,4 +1,5 @@
-"""A self-contained HTML evaluation report: summary metrics, ROC / PR curves, per-case table, overlays.
+"""Self-contained HTML reports: one evaluation (summary metrics, ROC / PR curves, per-case table,
+overlays) and a comparison of predictors (metrics table, maps side by side).
 
 One HTML file, no external resources: figures are PNGs rendered with matplotlib's Agg backend
 (through ``matplotlib.figure.Figure``, never pyplot, so no global state or GUI backend is touched)
