@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))
 
 from anomaseg import demo  # noqa: E402
+from anomaseg.atomic import write_text  # noqa: E402
 from anomaseg.config import merge  # noqa: E402
 from anomaseg.data.phantom import make_phantom  # noqa: E402
 from anomaseg.evaluation import evaluate_dataset  # noqa: E402
@@ -57,10 +58,10 @@ def main() -> None:
         tmp = Path(tmp)
         os.environ["ANOMASEG_CACHE"] = str(tmp / "cache")
         make_phantom(tmp / "phantom", plan["healthy"], plan["lesioned"], seed=args.seed,
-                     resolution=plan["resolution"], modalities=["flair", "t2"])
+                     resolution=plan["resolution"], modalities=plan["modalities"])
         for name in args.variants.split(","):
-            base = demo.demo_config(plan, args.seed).to_dict()
-            config = type(demo.demo_config(plan, args.seed)).from_dict(merge(base, VARIANTS[name]))
+            base = demo.demo_config(plan, args.seed)
+            config = type(base).from_dict(merge(base.to_dict(), VARIANTS[name]))
             config.train_dir = str(tmp / "phantom" / "train")
             t = time.perf_counter()
             train(config, tmp / name, progress=False)
@@ -70,14 +71,13 @@ def main() -> None:
             rows.append({"variant": name, "changes": VARIANTS[name], "train_seconds": seconds,
                          **{k: m[k] for k in KEYS}})
             print(json.dumps(rows[-1]), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "plan": plan,
+    write_text(Path(args.out + ".json"), json.dumps({"date": time.strftime("%Y-%m-%d"), "plan": plan,
                                                     "seed": args.seed, "rows": rows}, indent=1))
     lines = ["| variant | pixel AUROC | pixel AUPRC | dice_best | dice@threshold | slice AUROC | train s |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | " + " | ".join(f"{r[k]:.3f}" for k in KEYS) + f" | {r['train_seconds']:.0f} |")
-    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+    write_text(Path(args.out + ".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))
 
 from anomaseg import demo  # noqa: E402
+from anomaseg.atomic import write_text  # noqa: E402
 
 KEYS = ("pixel_auroc", "pixel_auprc", "dice_best", "dice_at_threshold", "image_auroc", "threshold")
 
@@ -55,8 +56,7 @@ def main() -> None:
     if len(results) == 2:
         report["dice_best_bf16_minus_fp32"] = results[0]["dice_best"] - results[1]["dice_best"]
         report["pixel_auroc_bf16_minus_fp32"] = results[0]["pixel_auroc"] - results[1]["pixel_auroc"]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
+    write_text(Path(args.out), json.dumps(report, indent=1))
     print("\n| precision | pixel AUROC | pixel AUPRC | dice_best | dice@threshold | slice AUROC | phantom s | train s | eval s | total min |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:

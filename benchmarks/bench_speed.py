@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))
 
 from anomaseg import config as cfg  # noqa: E402
+from anomaseg.atomic import write_text  # noqa: E402
 from anomaseg.data.phantom import make_phantom  # noqa: E402
 from anomaseg.models import create_model  # noqa: E402
 from anomaseg.postprocess import PostProcessor  # noqa: E402
@@ -136,8 +137,7 @@ def main() -> None:
                           "cpu_count": os.cpu_count(), "torch": torch.__version__,
                           "torch_threads": torch.get_num_threads()},
               "date": time.strftime("%Y-%m-%d"), "results": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
+    write_text(Path(args.out), json.dumps(report, indent=1))
     print("\n| size | plain fp32 | anomaseg fp32 | overhead | anomaseg fp32+CL | anomaseg bf16+CL | speed-up | scoring fp32 | scoring bf16 |")
     print("|---|---|---|---|---|---|---|---|---|")
     for size, r in results.items():

@@ -116,6 +116,13 @@ def _display(case, smoothed, seg, model) -> CaseOverlay | None:
                        to2d(seg, "nearest") > 0.5, to2d(case.truth, "nearest") > 0.5)
 
 
+def _side_by_side_row(case):
+    """An empty comparison row for the case's slice with the most lesion, and its `to2d`."""
+    z, to2d = _view(case, case.truth.sum(axis=(0, 1)))
+    return SideBySide(case.case_id, _show(case.images[z, 0].astype(np.float32)),
+                      to2d(case.truth, "nearest") > 0.5, {}), to2d
+
+
 def evaluate_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path, predictors: str | None = None,
                      save_maps: bool = False, progress: bool = True, predictor_params: dict | None = None) -> dict:
     """Evaluate the run on a labelled test set; returns the metrics of the first predictor (or the
@@ -140,19 +147,18 @@ def evaluate_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path,
             for case in bar:
                 prepared = _prepare_one(case, spec, config)
                 ref = load_volume(prepared.reference, header_only=True) if save_maps else None
-                z, to2d = _view(prepared, prepared.truth.sum(axis=(0, 1)))
-                row = SideBySide(case.case_id, _show(prepared.images[z, 0].astype(np.float32)),
-                                 to2d(prepared.truth, "nearest") > 0.5, {})
+                row, to2d = _side_by_side_row(prepared) if len(tallies) > 1 else (None, None)
                 for name, tally in tallies.items():
                     smoothed, scores = tally.scorer.predict_case(prepared)
                     seg = tally.scorer.post.segment(smoothed)
                     tally.add(prepared, smoothed, scores, seg, model)
-                    row.maps[name] = to2d(smoothed)
+                    if row is not None:
+                        row.maps[name] = to2d(smoothed)
                     if save_maps:
                         sub = tmp / "maps" / (name if len(tallies) > 1 else "")
                         save_like(ref, smoothed, sub / f"{case.case_id}_anomaly_map.nii.gz", np.float32)
                         save_like(ref, seg, sub / f"{case.case_id}_segmentation.nii.gz", np.uint8)
-                if len(tallies) > 1:
+                if row is not None:
                     side_by_side.append((int(prepared.truth.sum()), case.case_id, row))
                     side_by_side.sort(key=lambda r: (-r[0], r[1]))
                     del side_by_side[N_SIDE_BY_SIDE:]

@@ -65,7 +65,7 @@ class AnomalyModel(nn.Module):
         yield
 
 
-def recalibrate_batchnorm(model: nn.Module, batches, autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> int:
+def recalibrate_batchnorm(model: nn.Module, batches) -> int:
     """Re-estimate the running statistics of the BatchNorm layers a forward pass uses ("precise BN").
 
     Running averages gathered during training describe train-mode activations: those of sampled
@@ -93,7 +93,7 @@ def recalibrate_batchnorm(model: nn.Module, batches, autocast: Callable[[], Cont
     was_training = model.training
     model.train()
     try:
-        with torch.no_grad(), model.deterministic(), autocast():
+        with torch.no_grad(), model.deterministic():
             for x in batches:
                 model(x)
     finally:
