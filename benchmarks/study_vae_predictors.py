@@ -197,7 +197,21 @@ def fmt(cell: dict) -> str:
     return f"{cell['mean']:.3f} ± {cell['std']:.3f}"
 
 
-def markdown(agg: dict, args, n_runs: int) -> str:
+def paired_difference(records: list[dict], a: str, b: str) -> dict:
+    """{model: {beta: {metric: mean over seeds of (a - b)}}}, a and b measured on the same run."""
+    groups: dict = {}
+    for r in records:
+        m = r["metrics"]
+        if a in m and b in m:
+            cell = groups.setdefault(r["settings"]["model"], {}).setdefault(f"{r['settings']['beta']:g}", {})
+            for k, _ in TABLE_METRICS:
+                if m[a][k] is not None and m[b][k] is not None:
+                    cell.setdefault(k, []).append(m[a][k] - m[b][k])
+    return {model: {beta: {k: float(np.mean(v)) for k, v in cell.items()} for beta, cell in by_beta.items()}
+            for model, by_beta in groups.items()}
+
+
+def markdown(agg: dict, args, n_runs: int, records: list[dict]) -> str:
     lines = [f"# VAE predictors vs beta on the phantom ({args.image_size} px, {args.epochs} epochs, "
              f"seeds {','.join(map(str, args.seeds))})", "",
              f"Mean ± std over {len(args.seeds)} seed(s); {n_runs} runs; {args.healthy} healthy phantom cases "
@@ -223,6 +237,15 @@ def markdown(agg: dict, args, n_runs: int) -> str:
             ens = by_beta[beta].get("ensemble")
             lines.append(f"| {model} | {beta} | {best} | {fmt(singles[best]['pixel_auprc'])} | "
                          f"{fmt(ens['pixel_auprc']) if ens else 'n/a'} |")
+    diff = paired_difference(records, "projection", "residual")
+    if diff:
+        lines += ["", "projection minus residual, paired per run (mean over seeds):", "",
+                  "| model | beta | " + " | ".join(n for _, n in TABLE_METRICS) + " |",
+                  "|---|---|" + "---|" * len(TABLE_METRICS)]
+        for model, by_beta in diff.items():
+            for beta in sorted(by_beta, key=float):
+                lines.append(f"| {model} | {beta} | "
+                             + " | ".join(f"{by_beta[beta].get(k, float('nan')):+.3f}" for k, _ in TABLE_METRICS) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -287,7 +310,7 @@ def main(argv=None) -> int:
     }
     args.results.mkdir(parents=True, exist_ok=True)
     write_text(args.results / "vae_predictor_study.json", json.dumps(result, indent=1))
-    table = markdown(agg, args, len(records))
+    table = markdown(agg, args, len(records), records)
     write_text(args.results / "vae_predictor_study.md", table)
     plot(agg, args.results / "vae_predictor_study.png")
     print(table)
