@@ -21,7 +21,8 @@ def trained_run(healthy_dir, tmp_path):
 def test_train_evaluate_score(trained_run, lesioned_dir, tmp_path, capsys):
     ev = tmp_path / "eval"
     assert main(["evaluate", "--run", str(trained_run), "--data", str(lesioned_dir), "--out", str(ev)]) == 0
-    assert str(ev / "report.html") in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert str(ev / "report.html") in out
     metrics = json.loads((ev / "metrics.json").read_text())
     for key in ("pixel_auroc", "pixel_auprc", "dice_best", "dice_at_threshold", "image_auroc", "threshold", "per_case"):
         assert key in metrics
@@ -30,6 +31,15 @@ def test_train_evaluate_score(trained_run, lesioned_dir, tmp_path, capsys):
     assert metrics["pixel_auroc"] > 0.85 and metrics["dice_best"] > 0.3
     html = (ev / "report.html").read_text()
     assert "les00" in html and "data:image/png;base64," in html
+    # the intensity baseline, computed in the same pass, stands beside the model everywhere
+    assert "residual vs the intensity baseline: AUPRC" in out
+    base = metrics["baseline"]
+    assert base["predictor"] == "intensity" and base["n_voxels"] == metrics["n_voxels"]
+    assert base["pixel_auroc"] > 0.85  # the synthetic lesion is bright: the baseline finds it too
+    gain = metrics["gain_over_baseline"]
+    assert gain["dice_best"] == pytest.approx(metrics["dice_best"] / base["dice_best"] - 1)
+    assert all(0 <= row["baseline_dice"] <= 1 for row in metrics["per_case"])
+    assert html.index("(baseline)") < html.index("<h2>Summary</h2>")  # first row of the first table
 
     maps = tmp_path / "maps"
     assert main(["score", "--run", str(trained_run), "--data", str(lesioned_dir), "--out", str(maps)]) == 0
@@ -46,6 +56,16 @@ def test_train_evaluate_score(trained_run, lesioned_dir, tmp_path, capsys):
     brain = np.asarray(nib.load(lesioned_dir / "les00" / "les00_mask.nii.gz").dataobj) > 0
     amap = np.asarray(nib.load(maps / "les00_anomaly_map.nii.gz").dataobj)
     assert amap[truth].mean() > 3 * amap[brain & ~truth].mean()
+
+
+def test_evaluate_without_the_baseline(trained_run, lesioned_dir, tmp_path, capsys):
+    ev = tmp_path / "eval"
+    assert main(["evaluate", "--run", str(trained_run), "--data", str(lesioned_dir), "--out", str(ev),
+                 "--no-baseline"]) == 0
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert "baseline" not in metrics and "baseline_dice" not in metrics["per_case"][0]
+    assert "intensity baseline" not in capsys.readouterr().out
+    assert "intensity" not in json.loads((trained_run / "calibration.json").read_text())
 
 
 def test_outputs_follow_the_input_orientation(trained_run, tmp_path):

@@ -105,15 +105,19 @@ def cmd_score(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from anomaseg.evaluation import evaluate_dataset
+    from anomaseg.evaluation import baseline_line, evaluate_dataset
 
     result = evaluate_dataset(args.run, args.data, args.out, predictors=args.predictor, save_maps=args.save_maps,
-                              predictor_params=_predictor_params(args))
+                              predictor_params=_predictor_params(args), baseline=not args.no_baseline)
     results = {result["predictor"]: result} if "per_case" in result else result
     for name, r in results.items():
         print(f"{name}: pixel AUROC {r['pixel_auroc']:.3f}, AUPRC {r['pixel_auprc']:.3f}, "
               f"best Dice {r['dice_best']:.3f}, Dice at threshold {r['dice_at_threshold']:.3f}, "
               f"image AUROC {r['image_auroc']:.3f}")
+    for r in results.values():
+        line = baseline_line(r)
+        if line:
+            print(line)
     print(f"metrics: {Path(args.out) / 'metrics.json' if len(results) == 1 else Path(args.out) / 'summary.json'}")
     print(f"report:  {Path(args.out) / 'report.html'}")
     return 0
@@ -182,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictor", help="predictor name, comma-separated names, or 'all'")
     p.add_argument("--predictor-params", metavar="YAML", help=PREDICTOR_PARAMS_HELP)
     p.add_argument("--save-maps", action="store_true", help="also write the NIfTI maps and segmentations")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the intensity baseline (by default evaluated in the same pass and reported beside)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="phantom -> train -> evaluate on built-in data, in minutes")

@@ -9,6 +9,11 @@ Per predictor (all of them share one pass over the data: each case is read once)
 - `image_auroc`: slice level; an axial slice with brain is anomalous if it holds a label voxel, and
   its score is the predictor's `score` of the slice (by default the mean of the highest 1% of its
   anomaly map inside the brain; Skip-GANomaly's own image score for that predictor).
+
+The intensity baseline (`predictors/intensity.py`) is evaluated in the same pass (unless
+`baseline=False`): every metrics.json holds its metrics under `baseline`, the relative gain of the
+predictor over it under `gain_over_baseline` (e.g. +0.15 = 15% higher AUPRC), every per-case row
+its Dice as `baseline_dice`, and the reports show it as their first row and curve.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from anomaseg.run import load_model
 from anomaseg.scoring import (OUTPUT_MARKER, Scorer, _check_output_dir, _prepare_one, _test_cases, calibrate,
                               resolve_predictors)
 
+BASELINE = "intensity"  # the predictor every evaluation is compared with
 N_OVERLAYS = 2  # best and worst cases shown in the report
 N_SIDE_BY_SIDE = 3  # cases (largest lesions) shown with every predictor's map in the comparison report
 SUMMARY_KEYS = ["pixel_auroc", "pixel_auprc", "dice_best", "dice_at_threshold", "image_auroc"]
@@ -124,11 +130,13 @@ def _side_by_side_row(case):
 
 
 def evaluate_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path, predictors: str | None = None,
-                     save_maps: bool = False, progress: bool = True, predictor_params: dict | None = None) -> dict:
+                     save_maps: bool = False, progress: bool = True, predictor_params: dict | None = None,
+                     baseline: bool = True) -> dict:
     """Evaluate the run on a labelled test set; returns the metrics of the first predictor (or the
     summary of all). Writes OUT/metrics.json and OUT/report.html (one predictor), or one subfolder
     per predictor plus OUT/summary.json and OUT/report.html (several). `predictor_params` maps a
-    predictor name to its hyper-parameters (e.g. {"projection": {"steps": 50}}) for named predictors."""
+    predictor name to its hyper-parameters (e.g. {"projection": {"steps": 50}}) for named predictors.
+    With `baseline`, the intensity baseline is evaluated in the same pass (module docstring)."""
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
@@ -140,7 +148,13 @@ def evaluate_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path,
         scorer = calibrate(run_dir, name, None if name is None else dict((predictor_params or {}).get(name, {})),
                            progress)
         tallies[scorer.predictor.name] = PredictorTally(scorer)
-    model = next(iter(tallies.values())).scorer.model
+    reported = list(tallies)  # the baseline joins the pass, but gets its own results only if asked for
+    if baseline and BASELINE not in tallies:
+        tallies[BASELINE] = PredictorTally(calibrate(run_dir, BASELINE, {}, progress))
+    if baseline and len(reported) > 1:  # compared side by side: the baseline comes first
+        tallies = {BASELINE: tallies[BASELINE], **{k: v for k, v in tallies.items() if k != BASELINE}}
+        reported = list(tallies)
+    model = tallies[reported[0]].scorer.model
     side_by_side: list[tuple[int, str, SideBySide]] = []  # (lesion voxels, case id, panel), largest first
     with atomic_dir(out_dir) as tmp:
         with tqdm(cases, desc="evaluating", unit="case", disable=not progress) as bar:
@@ -154,30 +168,44 @@ def evaluate_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path,
                     tally.add(prepared, smoothed, scores, seg, model)
                     if row is not None:
                         row.maps[name] = to2d(smoothed)
-                    if save_maps:
-                        sub = tmp / "maps" / (name if len(tallies) > 1 else "")
+                    if save_maps and name in reported:
+                        sub = tmp / "maps" / (name if len(reported) > 1 else "")
                         save_like(ref, smoothed, sub / f"{case.case_id}_anomaly_map.nii.gz", np.float32)
                         save_like(ref, seg, sub / f"{case.case_id}_segmentation.nii.gz", np.uint8)
                 if row is not None:
                     side_by_side.append((int(prepared.truth.sum()), case.case_id, row))
                     side_by_side.sort(key=lambda r: (-r[0], r[1]))
                     del side_by_side[N_SIDE_BY_SIDE:]
+        base = tallies[BASELINE] if baseline else None
+        base_metrics = base.metrics() if base is not None else None
         results = {}
-        for name, tally in tallies.items():
-            folder = tmp if len(tallies) == 1 else tmp / name
-            results[name] = _write_results(folder, tally, run_dir, data)
-        if len(tallies) > 1:
+        for name in reported:
+            folder = tmp if len(reported) == 1 else tmp / name
+            results[name] = _write_results(folder, tallies[name], run_dir, data,
+                                           None if base is None or name == BASELINE else (base, base_metrics))
+        if len(reported) > 1:
             summary = {name: {k: v for k, v in r.items() if k != "per_case"} for name, r in results.items()}
             write_text(tmp / "summary.json", json.dumps(_jsonable(summary), indent=1))
             write_text(tmp / "summary.md", summary_table(summary))
-            write_comparison_report(tmp / "report.html", summary, [r for _, _, r in side_by_side], SUMMARY_KEYS)
+            write_comparison_report(tmp / "report.html", summary, [r for _, _, r in side_by_side], SUMMARY_KEYS,
+                                    baseline=BASELINE if baseline else None)
         (tmp / OUTPUT_MARKER).touch()
     return results[next(iter(results))] if len(results) == 1 else results
 
 
-def _write_results(folder: Path, tally: PredictorTally, run_dir, data) -> dict:
+def _write_results(folder: Path, tally: PredictorTally, run_dir, data, baseline=None) -> dict:
+    """metrics.json and report.html of one predictor; `baseline`: (tally, metrics) of the baseline."""
     metrics = tally.metrics()
     metrics["run"], metrics["data"] = str(Path(run_dir).resolve()), str(Path(data).resolve())
+    base_curves = None
+    if baseline is not None:
+        base_tally, base_metrics = baseline
+        metrics["baseline"] = {k: v for k, v in base_metrics.items() if k != "per_case"}
+        metrics["gain_over_baseline"] = {k: relative_gain(metrics[k], base_metrics[k]) for k in GAIN_KEYS}
+        base_dice = {row["case_id"]: row["dice"] for row in base_metrics["per_case"]}
+        for row in metrics["per_case"]:
+            row["baseline_dice"] = base_dice.get(row["case_id"])
+        base_curves = base_tally.voxels.curves()
     write_text(folder / "metrics.json", json.dumps(_jsonable(metrics), indent=1))
     overlays = []
     for dice, case_id, view in tally.views:
@@ -187,15 +215,43 @@ def _write_results(folder: Path, tally: PredictorTally, run_dir, data) -> dict:
     overlays.sort(key=lambda v: -v.dice)
     scalars = {k: v for k, v in metrics.items() if k != "per_case"}
     write_report(folder / "report.html", scalars, tally.voxels.curves(), metrics["per_case"], overlays,
-                 title=f"anomaseg evaluation: {metrics['predictor']}")
+                 title=f"anomaseg evaluation: {metrics['predictor']}",
+                 baseline=None if baseline is None else (metrics["baseline"], base_curves), compare_keys=SUMMARY_KEYS)
     return metrics
+
+
+GAIN_KEYS = ["pixel_auprc", "dice_best"]
+
+
+def relative_gain(value, reference) -> float:
+    """(value - reference) / reference: +0.15 = 15% above the reference; NaN where undefined."""
+    if value is None or reference is None or not math.isfinite(value) or not math.isfinite(reference) or reference <= 0:
+        return math.nan
+    return value / reference - 1.0
+
+
+def baseline_line(metrics: dict) -> str | None:
+    """One line: the predictor's AUPRC and best Dice against the intensity baseline's."""
+    base = metrics.get("baseline")
+    if not base:
+        return None
+    parts, wins = [], []
+    for key, label in (("pixel_auprc", "AUPRC"), ("dice_best", "best Dice")):
+        gain = relative_gain(metrics[key], base[key])
+        parts.append(f"{label} {metrics[key]:.3f} vs {base[key]:.3f} ({gain:+.0%})" if math.isfinite(gain)
+                     else f"{label} {metrics[key]:.3f} vs {base[key]:.3f}")
+        wins.append(metrics[key] > base[key])
+    verdict = ("beats the baseline" if all(wins) else "loses to the baseline" if not any(wins)
+               else "mixed against the baseline")
+    return (f"{metrics['predictor']} vs the intensity baseline: {', '.join(parts)}: {verdict}")
 
 
 def summary_table(summary: dict) -> str:
     keys = SUMMARY_KEYS
     lines = ["| predictor | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, r in summary.items():
-        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |")
+        label = f"{name} (baseline)" if name == BASELINE else name
+        lines.append(f"| {label} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -106,7 +106,10 @@ def _img(data_uri: str, alt: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def _curves_png(metrics: dict, curves: dict) -> str | None:
+_BASELINE_COLOUR = "0.45"  # the intensity baseline's curves: grey, drawn first
+
+
+def _curves_png(metrics: dict, curves: dict, baseline: tuple[dict, dict] | None = None) -> str | None:
     from matplotlib.figure import Figure
 
     fpr = list(curves.get("fpr") or [])
@@ -117,6 +120,15 @@ def _curves_png(metrics: dict, curves: dict) -> str | None:
         return None
     fig = Figure(figsize=(9.0, 4.2))
     ax_roc, ax_pr = fig.subplots(1, 2)
+    if baseline is not None:
+        b_metrics, b_curves = baseline
+        name = _mpl_text(f"baseline: {b_metrics.get('predictor', 'intensity')}")
+        if b_curves.get("fpr"):
+            ax_roc.plot(b_curves["fpr"], b_curves["tpr"], color=_BASELINE_COLOUR, lw=1.4,
+                        label=f"{name} (AUROC {_fmt(b_metrics.get('pixel_auroc'))})")
+        if b_curves.get("precision"):
+            ax_pr.plot(b_curves["recall"], b_curves["precision"], color=_BASELINE_COLOUR, lw=1.4,
+                       label=f"{name} (AP {_fmt(b_metrics.get('pixel_auprc'))})")
 
     auroc = metrics.get("pixel_auroc")
     if fpr and len(fpr) == len(tpr):
@@ -304,6 +316,16 @@ def _per_case_html(per_case: list[dict]) -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
+def _versus_baseline_html(metrics: dict, baseline: dict, keys: list[str]) -> str:
+    """The predictor against the baseline: one row each, the baseline first."""
+    head = "".join(f"<th>{_esc(k)}</th>" for k in keys)
+    rows = [(f"{baseline.get('predictor', 'intensity')} (baseline)", baseline),
+            (str(metrics.get("predictor", "model")), metrics)]
+    body = "".join(f'<tr><td class="key">{_esc(name)}</td>' + "".join(f"<td>{_esc(_fmt(m.get(k)))}</td>" for k in keys)
+                   + "</tr>" for name, m in rows)
+    return f'<table><tr><th class="key">method</th>{head}</tr>{body}</table>'
+
+
 def write_report(
     path,
     metrics: dict,
@@ -311,21 +333,29 @@ def write_report(
     per_case: list[dict],
     overlays: list[CaseOverlay],
     title: str = "anomaseg evaluation",
+    baseline: tuple[dict, dict] | None = None,
+    compare_keys: list[str] | None = None,
 ) -> None:
     """Write one self-contained HTML report to ``path`` (atomically).
 
     ``metrics``: scalar entries are tabulated (NaN shown as "n/a"; a "warnings" list is shown below
     the table); ``curves``: as returned by ``VoxelMetrics.curves()`` (empty lists -> no plot);
     ``per_case``: dicts with at least "case_id" and "dice", every key becomes a column;
-    ``overlays``: one row of panels per :class:`CaseOverlay` (may be empty).
+    ``overlays``: one row of panels per :class:`CaseOverlay` (may be empty); ``baseline``: the
+    (metrics, curves) of the intensity baseline on the same cases, shown as the first row of a
+    comparison table (columns ``compare_keys``) and the first curve of each plot.
     """
     metrics = dict(metrics or {})
     curves = dict(curves or {})
     per_case = list(per_case or [])
     overlays = list(overlays or [])
 
-    curves_uri = _curves_png(metrics, curves)
-    sections = [
+    curves_uri = _curves_png(metrics, curves, baseline)
+    sections = []
+    if baseline is not None:
+        sections += ["<h2>Against the intensity baseline</h2>",
+                     _versus_baseline_html(metrics, baseline[0], compare_keys or ["pixel_auroc", "pixel_auprc", "dice_best"])]
+    sections += [
         "<h2>Summary</h2>",
         _summary_html(metrics),
         "<h2>Curves</h2>",
@@ -362,13 +392,15 @@ def write_report(
 
 
 def write_comparison_report(path, summary: dict, rows: list[SideBySide], keys: list[str],
-                            title: str = "anomaseg: predictor comparison") -> None:
+                            title: str = "anomaseg: predictor comparison", baseline: str | None = None) -> None:
     """One self-contained HTML file comparing predictors: ``summary`` {predictor: metrics} as a
-    table (``keys`` as columns; each predictor links to its own report in ``<predictor>/report.html``)
-    and, per case in ``rows``, the maps of every predictor side by side. Written atomically."""
+    table (``keys`` as columns; each predictor links to its own report in ``<predictor>/report.html``;
+    the predictor named ``baseline`` is marked as such) and, per case in ``rows``, the maps of every
+    predictor side by side. Written atomically."""
     head = "".join(f"<th>{_esc(k)}</th>" for k in keys)
     body = "".join(
-        f'<tr><td class="key"><a href="{_esc(name)}/report.html">{_esc(name)}</a></td>'
+        f'<tr><td class="key"><a href="{_esc(name)}/report.html">{_esc(name)}</a>'
+        + (" (baseline)" if name == baseline else "") + "</td>"
         + "".join(f"<td>{_esc(_fmt(m.get(k)))}</td>" for k in keys) + "</tr>"
         for name, m in summary.items()
     )

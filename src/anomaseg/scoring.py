@@ -117,7 +117,7 @@ def calibrate(run_dir: str | Path, predictor: str | None = None, params: dict | 
     paths = RunPaths(Path(run_dir))
     store = json.loads(paths.calibration.read_text()) if paths.calibration.exists() else {}
     post_settings = make_postprocessor(config.score)
-    pred = create_predictor(name, **params)
+    pred = create_predictor(name, **params).set_modalities(config.data.modalities)
     if not pred.supports(model):
         raise InputError(paths.root, f"predictor {name!r} needs a model with {', '.join(pred.requires)}; "
                                      f"{config.model.name} has not")

@@ -56,7 +56,11 @@ def test_predictor_params_from_the_command_line(run, tmp_path):
     assert calibration["projection(output=difference,steps=3)"]["params"] == {"steps": 3, "output": "difference"}
     ens = [v for k, v in calibration.items() if k.startswith("ensemble(")]
     assert len(ens) == 1 and ens[0]["params"]["combine"] == "max" and len(ens[0]["predictor_state"]["mean_"]) == 2
-    assert set(json.loads((tmp_path / "e" / "summary.json").read_text())) == {"projection", "ensemble"}
+    # the intensity baseline joins every comparison, as its first row
+    assert list(json.loads((tmp_path / "e" / "summary.json").read_text())) == ["intensity", "projection", "ensemble"]
+    assert "intensity (baseline)" in (tmp_path / "e" / "summary.md").read_text()
+    metrics = json.loads((tmp_path / "e" / "projection" / "metrics.json").read_text())
+    assert metrics["baseline"]["predictor"] == "intensity"
 
 
 @pytest.mark.parametrize("params", ["[1, 2]", "{projection: {stepz: 3}}", "{nope: {}}", "{grad_kl: {sigma: -1}}"])

@@ -61,7 +61,7 @@ class SkipGANomalyPredictor(Predictor):
         return self
 
     def anomaly_map(self, model, x: torch.Tensor) -> torch.Tensor:
-        return ResidualPredictor("abs").anomaly_map(model, x)
+        return ResidualPredictor(polarity="both").anomaly_map(model, x)
 
     def score(self, model, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if not hasattr(self, "rec_min_"):

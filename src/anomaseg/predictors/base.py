@@ -12,6 +12,11 @@ A predictor turns a trained model and an image batch into a per-pixel anomaly ma
 `requires` names what the predictor needs from a model: "recon" (a reconstruction; every model),
 "vae" (a posterior: `encode` returning (mu, logvar), `decode`, and a KL weight `beta`) or
 "discriminator" (`discriminator_features(x)`: the feature maps of an adversarial model's discriminator).
+An empty `requires` (the `intensity` baseline) means the predictor ignores the model.
+
+`set_modalities(names)` tells a predictor which modality each input channel holds (the run's
+`data.modalities`; stored as the fitted attribute `modalities_`); polarity-aware predictors use it
+to resolve `polarity="auto"` per channel (see `polarity.py`).
 """
 
 from __future__ import annotations
@@ -40,6 +45,16 @@ def top_fraction_mean(maps: torch.Tensor, mask: torch.Tensor | None = None,
     rank = torch.arange(k, device=flat.device)[None]
     use = (rank < k_each[:, None]) & (rank < counts[:, None])  # an empty mask scores 0
     return torch.where(use, top, torch.zeros_like(top)).sum(1) / use.sum(1).clamp(min=1)
+
+
+def foreground(x: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) bool: pixels where any channel is non-zero (all pixels if there is none).
+
+    Slices are zero outside the brain, so on healthy calibration batches this is the brain (less the
+    few voxels at or below the normalisation's low percentile in every channel).
+    """
+    fg = x.detach().abs().amax(dim=1, keepdim=True) > 0
+    return fg if bool(fg.any()) else torch.ones_like(fg)
 
 
 def model_capabilities(model) -> set[str]:
@@ -74,6 +89,19 @@ class Predictor:
     def supports(self, model) -> bool:
         return set(self.requires) <= model_capabilities(model)
 
+    def set_modalities(self, modalities) -> "Predictor":
+        """The modality of each input channel, in order (e.g. the run's ["flair", "t2"])."""
+        from anomaseg.data.layout import canonical_modality
+
+        self.modalities_ = [canonical_modality(m) for m in modalities]
+        return self
+
+    def channel_polarities(self, n_channels: int) -> tuple[str, ...]:
+        """Per channel: the polarity of a predictor with a `polarity` parameter (polarity.py)."""
+        from anomaseg.predictors.polarity import channel_polarities
+
+        return channel_polarities(self.polarity, getattr(self, "modalities_", None), n_channels)
+
     def get_params(self) -> dict:
         return {k: v for k, v in vars(self).items() if not k.endswith("_") and not k.startswith("_")}
 
@@ -97,7 +125,7 @@ class Predictor:
 
 def _load_builtin_predictors() -> None:
     # Imported here, explicitly, so that every built-in predictor is registered before any lookup.
-    from anomaseg.predictors import adversarial, ensemble, gradients, projection, residual  # noqa: F401
+    from anomaseg.predictors import adversarial, ensemble, gradients, intensity, projection, residual  # noqa: F401
 
 
 PREDICTORS = Registry("predictor", _load_builtin_predictors)

@@ -17,17 +17,11 @@ from typing import Iterable
 
 import torch
 
-from anomaseg.predictors.base import Predictor, create_predictor, register_predictor
+from anomaseg.predictors.base import Predictor, create_predictor, foreground, register_predictor
 from anomaseg.predictors.gradients import eval_mode, gradient_map
 from anomaseg.predictors.residual import ResidualPredictor
 
 EPS = 1e-12
-
-
-def foreground(x: torch.Tensor) -> torch.Tensor:
-    """(B, 1, H, W) bool: pixels where any channel is non-zero (all pixels if there is none)."""
-    fg = x.detach().abs().amax(dim=1, keepdim=True) > 0
-    return fg if bool(fg.any()) else torch.ones_like(fg)
 
 
 class PixelStats:
@@ -86,7 +80,7 @@ class CombiPredictor(Predictor):
 
     def _terms(self, model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with eval_mode(model):
-            residual = ResidualPredictor("abs").anomaly_map(model, x).float()
+            residual = ResidualPredictor(polarity="both").anomaly_map(model, x).float()
         return residual, gradient_map(model, x, "kl", sigma=self.sigma)
 
     def fit(self, model, healthy_batches: Iterable[torch.Tensor]) -> "CombiPredictor":
@@ -136,8 +130,9 @@ class EnsemblePredictor(Predictor):
                                                                             products of z-scores would flip)
 
     An ensemble of one member is therefore that member's map normalised the same way. Members are
-    predictor names or {"name": ..., "params": {...}}; each member is fitted (on the same healthy
-    batches) before the statistics are taken. The default, pre-declared ensemble is
+    predictor names or {"name": ..., "params": {...}}, the `intensity` baseline included (e.g.
+    members=["residual", "intensity"]: a model's map and the baseline); each member is fitted (on the
+    same healthy batches) before the statistics are taken. The default, pre-declared ensemble is
     residual + grad_kl, combined by mean (Zhou, Deng & Wu's best pair was reconstruction error with a
     KL-gradient predictor; chosen before looking at any test data). `fitted_state()` holds the
     statistics and every member's own fitted state; it is plain JSON.
@@ -159,6 +154,12 @@ class EnsemblePredictor(Predictor):
 
     def supports(self, model) -> bool:
         return all(p.supports(model) for p in self._predictors)
+
+    def set_modalities(self, modalities) -> "EnsemblePredictor":
+        super().set_modalities(modalities)
+        for p in self._predictors:
+            p.set_modalities(modalities)
+        return self
 
     def fit(self, model, healthy_batches: Iterable[torch.Tensor]) -> "EnsemblePredictor":
         batches = list(healthy_batches)  # iterated once per member, then once for the statistics

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from anomaseg.predictors.base import Predictor, register_predictor
+from anomaseg.predictors.polarity import check_polarity, signed
 
 REC_LOSSES = ("l1", "l2")
 TERMS = ("elbo", "kl", "rec")
@@ -142,16 +143,19 @@ def gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
         return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
-def gradient_map(model, x: torch.Tensor, term: str, rec_loss: str = "l2", sigma: float = 2.0) -> torch.Tensor:
-    """mean_channels(G_sigma * |d term/dx|): (B, 1, H, W), float32."""
-    g = input_gradient(model, x, term, rec_loss).abs()
+def gradient_map(model, x: torch.Tensor, term: str, rec_loss: str = "l2", sigma: float = 2.0,
+                 polarities: tuple[str, ...] | None = None) -> torch.Tensor:
+    """mean_channels(G_sigma * r_c(d term/dx)): (B, 1, H, W), float32; r_c = |.| unless `polarities`
+    gives a channel "bright" (max(., 0)) or "dark" (max(-., 0)), see polarity.py."""
+    g = input_gradient(model, x, term, rec_loss)
+    g = g.abs() if polarities is None else signed(g, polarities)
     return gaussian_smooth(g, sigma).mean(dim=1, keepdim=True).float()
 
 
 # --------------------------------------------------------------------------- predictors
 class _GradientPredictor(Predictor):
     requires = ("vae",)
-    term = "elbo"
+    term = "kl"
 
     def __init__(self, sigma: float = 2.0, rec_loss: str = "l2"):
         if sigma < 0:
@@ -165,10 +169,24 @@ class _GradientPredictor(Predictor):
         return gradient_map(model, x, self.term, self.rec_loss, self.sigma)
 
 
+class _SignedGradientPredictor(_GradientPredictor):
+    """Gradients of terms holding the residual x - g(mu(x)): their sign says brighter or darker."""
+
+    def __init__(self, sigma: float = 2.0, rec_loss: str = "l2", polarity="both"):
+        super().__init__(sigma, rec_loss)
+        self.polarity = check_polarity(polarity)
+
+    def anomaly_map(self, model, x: torch.Tensor) -> torch.Tensor:
+        return gradient_map(model, x, self.term, self.rec_loss, self.sigma, self.channel_polarities(x.shape[1]))
+
+
 @register_predictor("grad_elbo", description="|d(-ELBO)/dx| = |d(rec + beta*KL)/dx|, Gaussian-smoothed (VAEs)")
-class GradELBOPredictor(_GradientPredictor):
-    """map = mean_c G_sigma * |d(rec(x) + beta * kl(x))/dx| (module docstring). Defaults: sigma = 2 px,
-    rec_loss = "l2" (1/2 squared error), beta = the model's own `beta`."""
+class GradELBOPredictor(_SignedGradientPredictor):
+    """map = mean_c G_sigma * r_c(d(rec(x) + beta * kl(x))/dx) (module docstring). Defaults: sigma = 2 px,
+    rec_loss = "l2" (1/2 squared error), beta = the model's own `beta`, polarity = "both" (r_c = |.|).
+    The rec term's gradient is the residual x - g(mu(x)) plus its pull through the model, so its sign
+    says brighter (+) or darker (-) than the reconstruction: polarity "bright"/"dark"/"auto" keeps one
+    direction per channel, as for the residual."""
 
     term = "elbo"
 
@@ -176,14 +194,15 @@ class GradELBOPredictor(_GradientPredictor):
 @register_predictor("grad_kl", description="|dKL(q(z|x) || p(z))/dx|, Gaussian-smoothed (VAEs)")
 class GradKLPredictor(_GradientPredictor):
     """map = mean_c G_sigma * |d kl(x)/dx| (module docstring): how much each pixel pushes the posterior
-    away from the prior. Defaults: sigma = 2 px (`rec_loss` is accepted but unused)."""
+    away from the prior. Defaults: sigma = 2 px (`rec_loss` is accepted but unused). The sign of this
+    gradient says nothing about brightness, so it takes no polarity."""
 
     term = "kl"
 
 
 @register_predictor("grad_rec", description="|d rec(x, g(mu(x)))/dx|, Gaussian-smoothed (VAEs)")
-class GradRecPredictor(_GradientPredictor):
-    """map = mean_c G_sigma * |d rec(x)/dx| with rec decoding the posterior mean (module docstring).
-    Defaults: sigma = 2 px, rec_loss = "l2"."""
+class GradRecPredictor(_SignedGradientPredictor):
+    """map = mean_c G_sigma * r_c(d rec(x)/dx) with rec decoding the posterior mean (module docstring).
+    Defaults: sigma = 2 px, rec_loss = "l2", polarity = "both" (see grad_elbo)."""
 
     term = "rec"

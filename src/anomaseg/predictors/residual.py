@@ -5,28 +5,23 @@ from __future__ import annotations
 import torch
 
 from anomaseg.predictors.base import Predictor, register_predictor
+from anomaseg.predictors.polarity import check_combine, check_polarity, combine_channels, signed
 
-SIGNS = ("abs", "positive", "negative")
 
-
-@register_predictor("residual", description="reconstruction error |x - recon| (or its positive/negative part)")
+@register_predictor("residual", description="reconstruction error x - recon, signed per modality (bright/dark/both)")
 class ResidualPredictor(Predictor):
-    """map = r(x - recon(x)), averaged over channels, with r = |.| ("abs"), max(., 0) ("positive":
-    only tissue brighter than its healthy reconstruction, e.g. lesions on FLAIR) or max(-., 0)
-    ("negative": only darker tissue, e.g. T1 hypo-intensities)."""
+    """map = combine_c r_c(x_c - recon(x)_c): the reconstruction error of each channel taken in its
+    polarity r_c ("bright": max(., 0), only tissue brighter than its healthy reconstruction, e.g.
+    lesions on FLAIR; "dark": max(-., 0); "both": |.|), then the channels' mean (`combine="mean"`)
+    or max. `polarity` is one value for every channel, a list (one per channel), or "auto" (each
+    channel by its modality: FLAIR/T2 bright, others both; see polarity.py). Defaults:
+    polarity="both" (the plain |x - recon| of the paper), combine="mean"."""
 
-    def __init__(self, sign: str = "abs"):
-        if sign not in SIGNS:
-            raise ValueError(f"sign must be one of {SIGNS}, got {sign!r}")
-        self.sign = sign
+    def __init__(self, polarity="both", combine: str = "mean"):
+        self.polarity = check_polarity(polarity)
+        self.combine = check_combine(combine)
 
     @torch.no_grad()
     def anomaly_map(self, model, x: torch.Tensor) -> torch.Tensor:
         diff = x.float() - model.reconstruct(x).float()
-        if self.sign == "abs":
-            diff = diff.abs()
-        elif self.sign == "positive":
-            diff = diff.clamp(min=0)
-        else:
-            diff = (-diff).clamp(min=0)
-        return diff.mean(dim=1, keepdim=True)
+        return combine_channels(signed(diff, self.channel_polarities(x.shape[1])), self.combine)
