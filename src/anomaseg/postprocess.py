@@ -25,9 +25,15 @@ def _bbox(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
     return tuple(slice(max(0, a[0] - margin), min(n, a[-1] + 1 + margin)) for a, n in zip(idx, mask.shape))
 
 
+def median_footprint(shape: tuple[int, ...], size: int) -> tuple[int, int, int]:
+    """The median window: `size` along every axis; in-plane only for a volume of depth 1 (a 2D image)."""
+    return (size, size, 1) if shape[2] == 1 else (size, size, size)
+
+
 def median_filter_3d(volume: np.ndarray, size: int, threads: int = 2) -> np.ndarray:
     """scipy's median filter run on slabs in parallel (it releases the GIL); equal to one call.
-    A volume of depth 1 (a 2D image) gets a 2D footprint."""
+    A volume of depth 1 (a 2D image) gets a 2D footprint. The reference for `masked_median`, which
+    `PostProcessor` uses (the same values where the brain is, several times faster)."""
     if size <= 1:
         return volume
     z = volume.shape[2]
@@ -71,12 +77,19 @@ class PostProcessor:
         return ndimage.binary_erosion(brain, structure, iterations=self.erosion, border_value=0)
 
     def smooth(self, anomaly_map: np.ndarray, brain: np.ndarray) -> np.ndarray:
-        """Median filter, then 0 outside the eroded brain. Work is limited to the brain's box."""
-        out = np.zeros_like(anomaly_map, dtype=np.float32)
-        box = _bbox(brain, self.median_size)
-        sub = median_filter_3d(anomaly_map[box].astype(np.float32), self.median_size)
-        keep = self.eroded(brain)[box]
-        out[box] = np.where(keep, sub, 0.0)
+        """Median filter, then 0 outside the eroded brain. Work is limited to the brain's box (the
+        median runs on the box with scipy's "nearest" edges, as it always has), and the median is
+        computed only where the eroded brain is (`masked_median`)."""
+        from anomaseg.fastmedian import masked_median  # numba: imported when first needed
+
+        out = np.zeros(anomaly_map.shape, np.float32)
+        box = _bbox(brain, max(self.median_size, 1))  # a margin >= 1: eroding the box = eroding the volume
+        sub = anomaly_map[box].astype(np.float32)
+        keep = self.eroded(brain[box])
+        if self.median_size > 1:
+            out[box] = masked_median(sub, median_footprint(sub.shape, self.median_size), keep)
+        else:
+            out[box] = np.where(keep, sub, 0.0)
         return out
 
     def fit(self, healthy: Iterable[tuple[np.ndarray, np.ndarray]]) -> "PostProcessor":
@@ -96,10 +109,15 @@ class PostProcessor:
 
 
 def remove_small_components(seg: np.ndarray, min_size: int) -> np.ndarray:
+    """`seg` without its 26-connected components of fewer than `min_size` voxels. Labelling runs on
+    the bounding box of the foreground only (components never leave it)."""
     if min_size <= 1 or not seg.any():
         return seg
-    labels, n = ndimage.label(seg, structure=np.ones((3, 3, 3), bool))
+    box = _bbox(seg, 0)
+    labels, n = ndimage.label(seg[box], structure=np.ones((3, 3, 3), bool))
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
     keep = sizes >= min_size
     keep[0] = False
-    return keep[labels]
+    out = np.zeros(seg.shape, bool)
+    out[box] = keep[labels]
+    return out
