@@ -70,7 +70,7 @@ class ScoreConfig:
     erosion: int = 3  # brain mask erosion (voxels) before masking the map; 0 = off
     min_component_size: int = 8  # connected components with fewer voxels are dropped
     healthy_fpr: float = 0.005  # threshold: this fraction of healthy brain voxels is flagged
-    batch_size: int = 64
+    batch_size: int | None = None  # scoring batch; None: sized to the machine (inference.inference_batch_size)
 
 
 @dataclass

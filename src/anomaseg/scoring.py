@@ -22,6 +22,7 @@ from anomaseg.data.io import load_volume, save_like
 from anomaseg.data.layout import find_cases
 from anomaseg.data.slices import PreparedCase, SliceSpec, prepare_cases
 from anomaseg.errors import InputError
+from anomaseg.inference import inference_batch_size, inference_copy
 from anomaseg.postprocess import PostProcessor
 from anomaseg.predictors.base import Predictor, create_predictor, list_predictors
 from anomaseg.run import RunPaths, checkpoint_stamp, load_model, load_split
@@ -43,23 +44,42 @@ def make_postprocessor(score: cfg.ScoreConfig) -> PostProcessor:
 
 @dataclass
 class Scorer:
-    """Runs one predictor of a model over prepared cases and post-processes the maps."""
+    """Runs one predictor of a model over prepared cases and post-processes the maps.
+
+    Scoring runs `net`, the model made fast for inference (`inference.inference_copy`: BatchNorm
+    folded into the convolutions, channels_last, no parameter gradients), under
+    `torch.inference_mode` (predictors that differentiate re-enable autograd for their input), in
+    batches sized to the machine's memory (`batch_size=None`). `optimize=False` runs the trained
+    model as it is (the reference the fast path is tested against). `model` stays untouched.
+    """
 
     model: torch.nn.Module
     predictor: Predictor
     post: PostProcessor
-    batch_size: int = 64
+    batch_size: int | None = None
     device: str = field(default_factory=default_device)
     precision: str = "auto"
+    optimize: bool = True
 
     def __post_init__(self):
         self.model = self.model.to(self.device).eval()
         self._fabric_precision = fabric_precision(self.precision, self.device)
+        self.net = inference_copy(self.model, self.device) if self.optimize else self.model
+
+    def _batch_size(self, sample_shape: tuple[int, ...]) -> int:
+        if not self.batch_size:
+            self.batch_size = inference_batch_size(self.net, sample_shape, self.device)
+        return self.batch_size
 
     def _batches(self, images: np.ndarray):
-        for i in range(0, len(images), self.batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[i:i + self.batch_size])).float()
+        size = self._batch_size(images.shape[1:])
+        for i in range(0, len(images), size):
+            x = torch.from_numpy(np.ascontiguousarray(images[i:i + size])).float()
             yield x.to(self.device).contiguous(memory_format=torch.channels_last)
+
+    def predict_batch(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(maps (B, 1, S, S), scores (B,)) of a batch of model-size slices and their brain masks."""
+        return self.predictor.predict(self.net, x, mask)
 
     def predict_slices(self, case: PreparedCase) -> tuple[np.ndarray, np.ndarray]:
         """Raw maps (Z, S, S) at model size and the predictor's score per slice (Z,). Slices outside
@@ -68,10 +88,12 @@ class Scorer:
         maps, scores = np.zeros(shape, np.float32), np.zeros(len(case.keep), np.float32)
         kept_maps, kept_scores = [], []
         masks = case.masks[case.keep]
-        with autocast(self.device, self._fabric_precision):
-            for i, x in enumerate(self._batches(case.images[case.keep])):
-                m = torch.from_numpy(masks[i * self.batch_size:(i + 1) * self.batch_size]).to(self.device)
-                batch_maps, batch_scores = self.predictor.predict(self.model, x, m[:, None])
+        start = 0
+        with torch.inference_mode(), autocast(self.device, self._fabric_precision):
+            for x in self._batches(case.images[case.keep]):
+                m = torch.from_numpy(masks[start:start + len(x)]).to(self.device)
+                start += len(x)
+                batch_maps, batch_scores = self.predict_batch(x, m[:, None])
                 kept_maps.append(batch_maps[:, 0].float().cpu().numpy())
                 kept_scores.append(batch_scores.float().cpu().numpy())
         if kept_maps:
@@ -96,8 +118,8 @@ class Scorer:
             for c in healthy:
                 yield from self._batches(c.images[c.keep])
 
-        with autocast(self.device, self._fabric_precision):
-            self.predictor.fit(self.model, batches())
+        with torch.inference_mode(), autocast(self.device, self._fabric_precision):
+            self.predictor.fit(self.net, batches())
         with tqdm(healthy, desc=f"calibrating {self.predictor.name}", unit="case", disable=not progress,
                   leave=False) as cases:
             self.post.fit([(self.smoothed_volume(c), c.brain) for c in cases])
