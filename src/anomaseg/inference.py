@@ -95,8 +95,12 @@ def memory_budget(device) -> int:
 
 def inference_batch_size(net: nn.Module, shape: tuple[int, ...], device, budget: int | None = None) -> int:
     """The largest power of two <= MAX_BATCH whose activations fit the memory budget (>= 1)."""
-    per_sample = activation_bytes_per_sample(net, shape, device)
-    fits = (budget if budget is not None else memory_budget(device)) // per_sample
+    return batch_size_for(activation_bytes_per_sample(net, shape, device), device, budget)
+
+
+def batch_size_for(bytes_per_sample: int, device="cpu", budget: int | None = None) -> int:
+    """The largest power of two <= MAX_BATCH with `bytes_per_sample` each within the budget (>= 1)."""
+    fits = (budget if budget is not None else memory_budget(device)) // max(int(bytes_per_sample), 1)
     batch = 1
     while batch * 2 <= min(fits, MAX_BATCH):
         batch *= 2

@@ -20,12 +20,13 @@ from anomaseg import config as cfg
 from anomaseg.atomic import atomic_dir, write_text
 from anomaseg.data.io import load_volume, save_like
 from anomaseg.data.layout import find_cases
-from anomaseg.data.slices import PreparedCase, SliceSpec, prepare_cases
+from anomaseg.data.slices import CaseCache, PreparedCase, SliceSpec, prepare_cases
 from anomaseg.errors import InputError
 from anomaseg.inference import inference_batch_size, inference_copy
 from anomaseg.postprocess import PostProcessor
+from anomaseg.parallel import run_sharded, worker_device
 from anomaseg.predictors.base import Predictor, create_predictor, list_predictors
-from anomaseg.run import RunPaths, checkpoint_stamp, load_model, load_split
+from anomaseg.run import RunPaths, checkpoint_stamp, load_model, load_run_config, load_split
 from anomaseg.runtime import autocast, default_device, fabric_precision
 from anomaseg.training import cache_for
 
@@ -128,7 +129,7 @@ class Scorer:
 
 # --------------------------------------------------------------------------- calibration
 def calibrate(run_dir: str | Path, predictor: str | None = None, params: dict | None = None,
-              progress: bool = True, force: bool = False) -> Scorer:
+              progress: bool = True, force: bool = False, device: str | None = None) -> Scorer:
     """A fitted Scorer for a run: read from RUN/calibration.json (if it was fitted for the same
     checkpoint, predictor and post-processing), or fitted on the run's held-out healthy cases and
     stored there."""
@@ -143,7 +144,8 @@ def calibrate(run_dir: str | Path, predictor: str | None = None, params: dict | 
     if not pred.supports(model):
         raise InputError(paths.root, f"predictor {name!r} needs a model with {', '.join(pred.requires)}; "
                                      f"{config.model.name} has not")
-    scorer = Scorer(model, pred, post_settings, config.score.batch_size, precision=config.train.precision)
+    scorer = Scorer(model, pred, post_settings, config.score.batch_size, device=device or default_device(),
+                    precision=config.train.precision)
     entry = store.get(key)
     stamp = checkpoint_stamp(run_dir)
     if entry and not force and entry.get("postprocess") == vars_of(post_settings) and entry.get("checkpoint") == stamp:
@@ -199,30 +201,80 @@ def _prepare_one(case, spec: SliceSpec, config):
     return prepare_cases([case], spec, cache_for(config), progress=False)[0]
 
 
-def score_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path, predictor: str | None = None,
-                  progress: bool = True, predictor_params: dict | None = None) -> list[dict]:
-    """Write `<case>_anomaly_map.nii.gz` (float32) and `<case>_segmentation.nii.gz` (uint8) per case,
-    on the input's grid, affine and header. The output folder appears only when complete."""
-    from tqdm.auto import tqdm
+@dataclass(frozen=True)
+class ScorerSource:
+    """How to build a fitted Scorer, picklable for worker processes: a run folder (+ predictor) or
+    an exported ONNX file (`export.OnnxScorer`, which needs no run folder)."""
 
+    run_dir: str | None = None
+    predictor: str | None = None
+    params: dict | None = None
+    onnx: str | None = None
+
+    def build(self, progress: bool = False, device: str | None = None) -> Scorer:
+        if self.onnx:
+            from anomaseg.export import OnnxScorer
+
+            return OnnxScorer(self.onnx)
+        return calibrate(self.run_dir, self.predictor, None if self.predictor is None else dict(self.params or {}),
+                         progress, device=device)
+
+    def slice_spec(self) -> SliceSpec:
+        if self.onnx:
+            from anomaseg.export import read_metadata
+
+            return read_metadata(self.onnx).slice_spec()
+        return load_run_config(self.run_dir).data.slice_spec()
+
+    def cache(self) -> CaseCache:
+        if self.onnx:
+            return CaseCache(CaseCache.default_folder())
+        return cache_for(load_run_config(self.run_dir))
+
+
+def score_shard(rank: int, cases: list, report, source: ScorerSource, out: Path, scorer: Scorer | None = None) -> list[dict]:
+    """Score `cases` into the folder `out` (a worker's share); rows of scores.json, one per case."""
+    scorer = scorer or source.build(device=worker_device(rank))
+    spec, cache = source.slice_spec(), source.cache()
+    rows = []
+    for case in cases:
+        report(case.case_id)
+        prepared = prepare_cases([case], spec, cache, progress=False)[0]
+        smoothed = scorer.smoothed_volume(prepared)
+        seg = scorer.post.segment(smoothed)
+        ref = load_volume(prepared.reference, header_only=True)
+        save_like(ref, smoothed, out / f"{case.case_id}_anomaly_map.nii.gz", np.float32)
+        save_like(ref, seg, out / f"{case.case_id}_segmentation.nii.gz", np.uint8)
+        rows.append({"case_id": case.case_id, "anomalous_voxels": int(seg.sum()), "max_anomaly": float(smoothed.max())})
+        report.done()
+    return rows
+
+
+def score_dataset(run_dir: str | Path | None, data: str | Path, out_dir: str | Path, predictor: str | None = None,
+                  progress: bool = True, predictor_params: dict | None = None, workers: int = 1,
+                  onnx: str | Path | None = None) -> list[dict]:
+    """Write `<case>_anomaly_map.nii.gz` (float32) and `<case>_segmentation.nii.gz` (uint8) per case,
+    on the input's grid, affine and header. The output folder appears only when complete.
+
+    `workers` > 1 splits the cases over that many processes (`parallel.run_sharded`); the outputs
+    are the same as with one. `onnx`: score with an exported model (`anomaseg export`) and ONNX
+    Runtime instead of a run folder (`run_dir` is then not used)."""
     out_dir = Path(out_dir)
     _check_output_dir(out_dir)
-    config = load_model(run_dir)[1]
-    cases, spec = _test_cases(run_dir, data, config, require_seg=False)
-    scorer = calibrate(run_dir, predictor, None if predictor is None else dict((predictor_params or {}).get(predictor, {})),
-                       progress)
-    rows = []
-    with atomic_dir(out_dir) as tmp, tqdm(cases, desc="scoring", unit="case", disable=not progress) as bar:
-        for case in bar:
-            prepared = _prepare_one(case, spec, config)
-            smoothed = scorer.smoothed_volume(prepared)
-            seg = scorer.post.segment(smoothed)
-            ref = load_volume(prepared.reference, header_only=True)
-            save_like(ref, smoothed, tmp / f"{case.case_id}_anomaly_map.nii.gz", np.float32)
-            save_like(ref, seg, tmp / f"{case.case_id}_segmentation.nii.gz", np.uint8)
-            rows.append({"case_id": case.case_id, "anomalous_voxels": int(seg.sum()),
-                         "max_anomaly": float(smoothed.max())})
-        summary = {"run": str(Path(run_dir).resolve()), "data": str(Path(data).resolve()),
+    if onnx is not None:
+        source = ScorerSource(onnx=str(Path(onnx).resolve()))
+    else:
+        params = None if predictor is None else dict((predictor_params or {}).get(predictor, {}))
+        source = ScorerSource(str(Path(run_dir).resolve()), predictor, params)
+    spec = source.slice_spec()
+    cases = find_cases(data, spec.modalities, require_seg=False)
+    scorer = source.build(progress)  # calibrates once, here, before any worker starts
+    with atomic_dir(out_dir) as tmp:
+        parts = run_sharded(score_shard, cases, workers, (source, tmp, scorer if workers <= 1 else None), progress,
+                            desc="scoring")
+        rows = sorted((row for part in parts for row in part), key=lambda r: r["case_id"])
+        summary = {"run": None if onnx is not None else str(Path(run_dir).resolve()),
+                   "onnx": None if onnx is None else str(Path(onnx).resolve()), "data": str(Path(data).resolve()),
                    "predictor": scorer.predictor.name, "threshold": scorer.post.threshold_, "cases": rows}
         write_text(tmp / "scores.json", json.dumps(summary, indent=1))
         (tmp / OUTPUT_MARKER).touch()

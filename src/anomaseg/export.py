@@ -1,0 +1,198 @@
+"""ONNX export of a trained run, and scoring with ONNX Runtime (no run folder, no training stack).
+
+`anomaseg export --run RUN --format onnx --out model.onnx` writes one file holding
+
+- the graph `image -> anomaly_map`: input `image`, float32 (batch, C, S, S), normalised axial slices
+  as `preprocessing` describes; output `anomaly_map`, float32 (batch, 1, S, S), the predictor's map
+  at model size (higher = more anomalous). The model is the BatchNorm-folded eval copy that
+  PyTorch scoring runs (`inference.inference_copy`); the batch axis is dynamic;
+- everything scoring needs, as JSON under the metadata key "anomaseg" (`onnx.ModelProto.metadata_props`,
+  read with `onnxruntime.InferenceSession(path).get_modelmeta().custom_metadata_map["anomaseg"]`):
+  `preprocessing` (modalities in channel order, image size, intensity percentiles, clip, brain
+  crop, the slice-domain rule), `predictor` (name, parameters, how a slice score is made from the
+  map), `postprocessing` (median size, erosion, minimum component size, healthy FPR), `threshold`
+  (fitted on the run's held-out healthy cases), the model's hyper-parameters and where it came from.
+
+`anomaseg score --onnx model.onnx --data DATA --out MAPS` scores with ONNX Runtime (CPU) in float32;
+with the same run scored by PyTorch in float32 the maps agree within 1e-4 (tests/test_export.py).
+
+Which predictors export (ONNX's standard operator sets have no automatic differentiation):
+- `residual` (any sign): one forward pass and arithmetic. Exported.
+- `grad_elbo`, `grad_kl`, `grad_rec`, `combi`: maps are input gradients (a backward pass). Not exported.
+- `projection`: 20 gradient-descent steps on the input with per-sample step control. Not exported.
+- `ensemble`: its members are (mostly) gradient predictors, and it normalises with fitted statistics.
+  Not exported.
+- `skip_ganomaly`: its map is the residual (export `residual`); its image score needs the
+  discriminator's features and a healthy scaling, which the exported graph does not carry.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from anomaseg import __version__
+from anomaseg.atomic import atomic_path
+from anomaseg.data.slices import SliceSpec
+from anomaseg.errors import InputError
+from anomaseg.inference import activation_bytes_per_sample, batch_size_for, inference_copy
+from anomaseg.postprocess import PostProcessor
+from anomaseg.predictors.base import TOP_FRACTION, create_predictor, top_fraction_mean
+from anomaseg.scoring import Scorer, calibrate, vars_of
+
+METADATA_KEY = "anomaseg"
+FORMAT = "anomaseg-onnx/1"
+EXPORTABLE = ("residual",)
+NOT_EXPORTABLE = {
+    "grad_elbo": "its map is an input gradient (needs autograd, which ONNX inference graphs lack)",
+    "grad_kl": "its map is an input gradient (needs autograd, which ONNX inference graphs lack)",
+    "grad_rec": "its map is an input gradient (needs autograd, which ONNX inference graphs lack)",
+    "combi": "it multiplies the residual by an input gradient (needs autograd)",
+    "projection": "it runs gradient descent on the input (needs autograd and per-sample step control)",
+    "ensemble": "its members are gradient predictors normalised by fitted statistics",
+    "skip_ganomaly": "its image score needs the discriminator's features; export 'residual' for its map",
+}
+INPUT, OUTPUT = "image", "anomaly_map"
+
+
+class MapGraph(torch.nn.Module):
+    """image -> anomaly_map of an exportable predictor (what the ONNX graph computes)."""
+
+    def __init__(self, net: torch.nn.Module, predictor):
+        super().__init__()
+        self.net, self.predictor = net, predictor
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.predictor.anomaly_map(self.net, image)
+
+
+@dataclass(frozen=True)
+class ExportMetadata:
+    """What an exported file carries besides the graph (stored as JSON, see the module docstring)."""
+
+    preprocessing: dict
+    predictor: dict
+    postprocessing: dict
+    threshold: float
+    model: dict
+    source: dict
+    activation_bytes_per_sample: int
+    format: str = FORMAT
+    anomaseg_version: str = __version__
+    input: str = (f"{INPUT}: float32 (batch, channels, size, size), axial slices normalised as "
+                  "'preprocessing' says, channels in the order of preprocessing.modalities")
+    output: str = (f"{OUTPUT}: float32 (batch, 1, size, size), the predictor's map at model size; "
+                   "higher = more anomalous")
+
+    def slice_spec(self) -> SliceSpec:
+        p = self.preprocessing
+        return SliceSpec(tuple(p["modalities"]), int(p["image_size"]), tuple(p["percentiles"]), float(p["clip_max"]),
+                         float(p["min_brain_fraction"]), bool(p["crop_to_brain"]))
+
+    def postprocessor(self) -> PostProcessor:
+        post = PostProcessor(**self.postprocessing)
+        post.threshold_ = float(self.threshold)
+        return post
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+
+def export_onnx(run_dir: str | Path, out: str | Path, predictor: str | None = None, params: dict | None = None,
+                opset: int = 18, progress: bool = True) -> ExportMetadata:
+    """Export the run's model and predictor map to `out` (written atomically); returns the metadata."""
+    import onnx
+
+    scorer = calibrate(run_dir, predictor, params, progress, device="cpu")
+    name = scorer.predictor.name
+    if name not in EXPORTABLE:
+        reason = NOT_EXPORTABLE.get(name, "it is not a single forward pass")
+        raise InputError(None, f"predictor {name!r} cannot be exported to ONNX: {reason}; "
+                               f"exportable: {', '.join(EXPORTABLE)}")
+    from anomaseg.run import checkpoint_stamp, load_run_config
+
+    config = load_run_config(run_dir)
+    spec = config.data.slice_spec()
+    # A fresh copy, contiguous: the exporter traces this module and nothing else uses it.
+    net = inference_copy(scorer.model, "cpu", channels_last=False)
+    graph = MapGraph(net, scorer.predictor).eval()
+    example = torch.rand(2, len(spec.modalities), spec.image_size, spec.image_size)
+    meta = ExportMetadata(
+        preprocessing={**asdict(spec), "description": (
+            "per modality: scale the brain's voxels so that the percentiles map to 0 and 1, clip to "
+            "[0, clip_max], 0 outside the brain; RAS+ axial slices cropped to the brain's in-plane box "
+            "(+2 voxels) if crop_to_brain, zero-padded to a square, resized (bilinear, antialiased) to "
+            "image_size; slices with brain area < min_brain_fraction of the largest are out of domain "
+            "and get the case's lowest value")},
+        predictor={"name": name, "params": scorer.predictor.get_params(),
+                   "slice_score": f"mean of the highest {TOP_FRACTION:.0%} of the map inside the brain mask"},
+        postprocessing=vars_of(scorer.post), threshold=float(scorer.post.threshold_), model=dict(scorer.model.hparams),
+        source={"run": str(Path(run_dir).resolve()), "checkpoint": checkpoint_stamp(run_dir)},
+        activation_bytes_per_sample=activation_bytes_per_sample(net, tuple(example.shape[1:]), "cpu"))
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.onnx.export(graph, (example,), None, dynamo=True, input_names=[INPUT], output_names=[OUTPUT],
+                                dynamic_shapes={"image": {0: batch}}, opset_version=opset, external_data=False,
+                                verbose=False)
+    proto = program.model_proto
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, meta.to_json()
+    proto.producer_name, proto.producer_version = "anomaseg", __version__
+    onnx.checker.check_model(proto)
+    with atomic_path(out) as tmp:
+        onnx.save_model(proto, str(tmp))
+    return meta
+
+
+def read_metadata(path: str | Path) -> ExportMetadata:
+    """The metadata of an exported file; InputError if it is missing, not ONNX or not ours."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "ONNX file not found")
+    try:
+        proto = onnx.load_model(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises several types for damaged files
+        raise InputError(path, f"not a readable ONNX file ({exc.__class__.__name__})") from None
+    props = {p.key: p.value for p in proto.metadata_props}
+    if METADATA_KEY not in props:
+        raise InputError(path, "ONNX file has no anomaseg metadata: export it with `anomaseg export`")
+    try:
+        d = json.loads(props[METADATA_KEY])
+        if d.get("format") != FORMAT:
+            raise ValueError(f"format {d.get('format')!r}, expected {FORMAT!r}")
+        return ExportMetadata(**d)
+    except (ValueError, TypeError) as exc:
+        raise InputError(path, f"anomaseg metadata of the ONNX file is not usable ({exc})") from None
+
+
+class OnnxScorer(Scorer):
+    """A Scorer whose maps come from an exported file run by ONNX Runtime (float32, CPU).
+    Pre- and post-processing, threshold and slice scores are the PyTorch Scorer's."""
+
+    def __init__(self, path: str | Path, batch_size: int | None = None, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        self.meta = read_metadata(self.path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        self.predictor = create_predictor(self.meta.predictor["name"], **self.meta.predictor["params"])
+        self.post = self.meta.postprocessor()
+        self.model = self.net = None
+        self.device, self.precision, self._fabric_precision, self.optimize = "cpu", "32", "32-true", True
+        self.batch_size = batch_size or batch_size_for(self.meta.activation_bytes_per_sample)
+
+    def predict_batch(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        image = np.ascontiguousarray(x.float().cpu().numpy())
+        maps = torch.from_numpy(self.session.run([OUTPUT], {INPUT: image})[0])
+        return maps, top_fraction_mean(maps, mask)
+
+    def fit(self, healthy, progress: bool = False):
+        raise NotImplementedError("an exported model is already calibrated (its threshold is in the file)")
