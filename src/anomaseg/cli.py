@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from anomaseg.errors import InputError
+from anomaseg.parallel import WorkerError
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -95,12 +96,33 @@ def _predictor_params(args) -> dict:
     return params
 
 
+def _workers(args) -> int:
+    if args.workers < 1:
+        raise InputError(None, f"--workers must be >= 1, got {args.workers}")
+    return args.workers
+
+
 def cmd_score(args) -> int:
     from anomaseg.scoring import score_dataset
 
+    if (args.run is None) == (args.onnx is None):
+        raise InputError(None, "score needs exactly one of --run RUN or --onnx MODEL.onnx")
+    if args.onnx and (args.predictor or args.predictor_params):
+        raise InputError(None, "--onnx scores with the predictor exported into the file; drop --predictor")
     rows = score_dataset(args.run, args.data, args.out, predictor=args.predictor,
-                         predictor_params=_predictor_params(args))
+                         predictor_params=_predictor_params(args), workers=_workers(args), onnx=args.onnx)
     print(f"wrote anomaly maps and segmentations of {len(rows)} cases to {args.out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from anomaseg.export import export_onnx
+
+    meta = export_onnx(args.run, args.out, predictor=args.predictor,
+                       params=_predictor_params(args).get(args.predictor, {}) if args.predictor else None)
+    print(f"exported {meta.model['name']} with the {meta.predictor['name']} map to {args.out} (ONNX, float32; "
+          f"threshold {meta.threshold:.4g} and the preprocessing in its 'anomaseg' metadata); "
+          f"score with: anomaseg score --onnx {args.out} --data DATA --out MAPS")
     return 0
 
 
@@ -108,7 +130,8 @@ def cmd_evaluate(args) -> int:
     from anomaseg.evaluation import baseline_line, evaluate_dataset
 
     result = evaluate_dataset(args.run, args.data, args.out, predictors=args.predictor, save_maps=args.save_maps,
-                              predictor_params=_predictor_params(args), baseline=not args.no_baseline)
+                              predictor_params=_predictor_params(args), baseline=not args.no_baseline,
+                              workers=_workers(args))
     results = {result["predictor"]: result} if "per_case" in result else result
     for name, r in results.items():
         print(f"{name}: pixel AUROC {r['pixel_auroc']:.3f}, AUPRC {r['pixel_auprc']:.3f}, "
@@ -145,6 +168,8 @@ def cmd_models(args) -> int:
     return 0
 
 
+WORKERS_HELP = ("processes to split the cases over (default 1); the outputs are the same with any number; "
+                "the machine's cores are divided between them, and on GPUs worker i uses GPU i mod count")
 PREDICTOR_PARAMS_HELP = ("hyper-parameters of named predictors, e.g. '{projection: {steps: 50}, grad_kl: {sigma: 1}}' "
                          "(the run's default predictor takes --set score.predictor_params at training)")
 
@@ -172,11 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("score", help="write anomaly maps and segmentations (NIfTI) for a dataset")
-    p.add_argument("--run", required=True)
+    p.add_argument("--run", help="run folder (or --onnx)")
+    p.add_argument("--onnx", metavar="MODEL.onnx", help="score with a model exported by `anomaseg export` and "
+                                                        "ONNX Runtime, without the run folder")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--predictor", help="predictor name (default: the run's, residual)")
     p.add_argument("--predictor-params", metavar="YAML", help=PREDICTOR_PARAMS_HELP)
+    p.add_argument("--workers", type=int, default=1, help=WORKERS_HELP)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("evaluate", help="metrics and an HTML report on a labelled test set")
@@ -188,7 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-maps", action="store_true", help="also write the NIfTI maps and segmentations")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the intensity baseline (by default evaluated in the same pass and reported beside)")
+    p.add_argument("--workers", type=int, default=1, help=WORKERS_HELP)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="export a run's model and anomaly map to ONNX (scoring without PyTorch)")
+    p.add_argument("--run", required=True)
+    p.add_argument("--out", required=True, metavar="MODEL.onnx")
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--predictor", help="predictor whose map is exported (default: the run's; exportable: residual)")
+    p.add_argument("--predictor-params", metavar="YAML", help=PREDICTOR_PARAMS_HELP)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="phantom -> train -> evaluate on built-in data, in minutes")
     p.add_argument("--out", default="demo_output")
@@ -208,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"anomaseg: error: {exc}", file=sys.stderr)
         return 2
+    except WorkerError as exc:
+        print(f"anomaseg: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("anomaseg: interrupted (a training run continues with --resume)", file=sys.stderr)
         return 130

@@ -30,9 +30,9 @@ from anomaseg.atomic import atomic_dir, write_text
 from anomaseg.data.io import load_volume, save_like
 from anomaseg.metrics import VoxelMetrics, binary_auprc, binary_auroc, dice_score
 from anomaseg.report import CaseOverlay, SideBySide, write_comparison_report, write_report
-from anomaseg.run import load_model
-from anomaseg.scoring import (OUTPUT_MARKER, Scorer, _check_output_dir, _prepare_one, _test_cases, calibrate,
-                              resolve_predictors)
+from anomaseg.parallel import run_sharded, worker_device
+from anomaseg.run import load_run_config
+from anomaseg.scoring import OUTPUT_MARKER, ScorerSource, _check_output_dir, _prepare_one, _test_cases, resolve_predictors
 
 BASELINE = "intensity"  # the predictor every evaluation is compared with
 N_OVERLAYS = 2  # best and worst cases shown in the report
@@ -42,15 +42,17 @@ SUMMARY_KEYS = ["pixel_auroc", "pixel_auprc", "dice_best", "dice_at_threshold", 
 
 @dataclass
 class PredictorTally:
-    """Everything one predictor accumulates over the test set (memory independent of its size)."""
+    """Everything one predictor accumulates over (a share of) the test set: memory independent of
+    its size. Tallies of disjoint shares `merge` exactly (counts add; per-case rows, slice scores and
+    overlays are ordered by case id), so N worker processes give the metrics of one, bit for bit."""
 
-    scorer: Scorer
+    predictor: str
+    threshold: float
     voxels: VoxelMetrics = field(default_factory=VoxelMetrics)
     tp: int = 0
     fp: int = 0
     fn: int = 0
-    slice_scores: list = field(default_factory=list)
-    slice_labels: list = field(default_factory=list)
+    slices: dict = field(default_factory=dict)  # case id -> (slice scores, slice labels)
     per_case: list = field(default_factory=list)
     views: list = field(default_factory=list)  # (dice, case_id, display arrays) for the report
 
@@ -62,8 +64,7 @@ class PredictorTally:
         fp, fn = int(np.count_nonzero(pred)) - tp, int(np.count_nonzero(gt)) - tp
         self.tp, self.fp, self.fn = self.tp + tp, self.fp + fp, self.fn + fn
         zs = brain.any(axis=(0, 1))
-        self.slice_scores.append(scores[zs])
-        self.slice_labels.append(truth.any(axis=(0, 1))[zs])
+        self.slices[case.case_id] = (scores[zs], truth.any(axis=(0, 1))[zs])
         case_metrics = VoxelMetrics(bits=16)
         case_metrics.update(smoothed[brain], gt)
         auroc = case_metrics.compute()["pixel_auroc"]
@@ -71,14 +72,35 @@ class PredictorTally:
         self.per_case.append({"case_id": case.case_id, "dice": dice, "pixel_auroc": auroc,
                               "lesion_voxels": int(gt.sum()), "predicted_voxels": int(pred.sum())})
         self.views.append((dice, case.case_id, _display(case, smoothed, seg, model)))
-        self.views.sort(key=lambda v: v[0])
-        if len(self.views) > 2 * N_OVERLAYS:  # keep only the current best and worst
+        self._keep_extreme_views()
+
+    def _keep_extreme_views(self) -> None:
+        """Only the best and worst cases by (Dice, case id) stay: the same ones in any case order."""
+        self.views.sort(key=lambda v: (v[0], v[1]))
+        if len(self.views) > 2 * N_OVERLAYS:
             del self.views[N_OVERLAYS:-N_OVERLAYS]
+
+    def merge(self, other: "PredictorTally") -> "PredictorTally":
+        """Add the tally of a disjoint share of the cases (another worker's); returns self."""
+        if other.predictor != self.predictor:
+            raise ValueError(f"cannot merge tallies of {self.predictor!r} and {other.predictor!r}")
+        overlap = set(self.slices) & set(other.slices)
+        if overlap:
+            raise ValueError(f"tallies share cases {sorted(overlap)[:3]}: shares must be disjoint")
+        self.voxels.merge(other.voxels)
+        self.tp, self.fp, self.fn = self.tp + other.tp, self.fp + other.fp, self.fn + other.fn
+        self.slices.update(other.slices)
+        self.per_case.extend(other.per_case)
+        self.views.extend(other.views)
+        self._keep_extreme_views()
+        return self
 
     def metrics(self) -> dict:
         m = self.voxels.compute()
         denom = 2 * self.tp + self.fp + self.fn
-        scores, labels = np.concatenate(self.slice_scores), np.concatenate(self.slice_labels)
+        ids = sorted(self.slices)
+        scores = np.concatenate([self.slices[i][0] for i in ids])
+        labels = np.concatenate([self.slices[i][1] for i in ids])
         two_classes = 0 < labels.sum() < len(labels)
         return {
             "pixel_auroc": m["pixel_auroc"], "pixel_auprc": m["pixel_auprc"],
@@ -86,11 +108,11 @@ class PredictorTally:
             "dice_at_threshold": 2 * self.tp / denom if denom else 1.0,
             "image_auroc": binary_auroc(scores, labels) if two_classes else math.nan,
             "image_auprc": binary_auprc(scores, labels) if two_classes else math.nan,
-            "threshold": self.scorer.post.threshold_,
-            "predictor": self.scorer.predictor.name,
+            "threshold": self.threshold,
+            "predictor": self.predictor,
             "n_cases": len(self.per_case), "n_voxels": m["n_voxels"], "n_anomalous_voxels": m["n_positive"],
             "n_slices": int(len(labels)), "n_anomalous_slices": int(labels.sum()),
-            "per_case": self.per_case,
+            "per_case": sorted(self.per_case, key=lambda row: row["case_id"]),
         }
 
 
@@ -129,53 +151,95 @@ def _side_by_side_row(case):
                       to2d(case.truth, "nearest") > 0.5, {}), to2d
 
 
+@dataclass(frozen=True)
+class EvaluationJob:
+    """What a worker needs to evaluate its share of the cases (picklable)."""
+
+    run_dir: str
+    sources: dict  # predictor name -> ScorerSource, in the order of the reports
+    reported: tuple  # the predictors with their own results (the baseline may only join the pass)
+    save_maps: bool
+
+
+def evaluate_shard(rank: int, cases: list, report, job: EvaluationJob, out: Path,
+                   scorers: dict | None = None) -> tuple[dict, list]:
+    """Tallies of every predictor over `cases` (a worker's share), and the side-by-side rows of the
+    cases with the largest lesions; maps written under `out/maps` with `save_maps`."""
+    scorers = scorers or {name: src.build(device=worker_device(rank)) for name, src in job.sources.items()}
+    config = load_run_config(job.run_dir)
+    spec = config.data.slice_spec()
+    model = scorers[job.reported[0]].model
+    tallies = {name: PredictorTally(name, scorer.post.threshold_) for name, scorer in scorers.items()}
+    reported = list(job.reported)
+    side_by_side: list[tuple[int, str, SideBySide]] = []  # (lesion voxels, case id, panel), largest first
+    for case in cases:
+        report(case.case_id)
+        prepared = _prepare_one(case, spec, config)
+        ref = load_volume(prepared.reference, header_only=True) if job.save_maps else None
+        row, to2d = _side_by_side_row(prepared) if len(tallies) > 1 else (None, None)
+        for name, tally in tallies.items():
+            scorer = scorers[name]
+            smoothed, scores = scorer.predict_case(prepared)
+            seg = scorer.post.segment(smoothed)
+            tally.add(prepared, smoothed, scores, seg, model)
+            if row is not None:
+                row.maps[name] = to2d(smoothed)
+            if job.save_maps and name in reported:
+                sub = out / "maps" / (name if len(reported) > 1 else "")
+                save_like(ref, smoothed, sub / f"{case.case_id}_anomaly_map.nii.gz", np.float32)
+                save_like(ref, seg, sub / f"{case.case_id}_segmentation.nii.gz", np.uint8)
+        if row is not None:
+            side_by_side = _largest_lesions(side_by_side + [(int(prepared.truth.sum()), case.case_id, row)])
+        report.done()
+    return tallies, side_by_side
+
+
+def _largest_lesions(rows: list) -> list:
+    return sorted(rows, key=lambda r: (-r[0], r[1]))[:N_SIDE_BY_SIDE]
+
+
+def merge_shards(parts: list[tuple[dict, list]]) -> tuple[dict, list]:
+    """One (tallies, side-by-side rows) from the workers' (in worker order; the result does not
+    depend on how the cases were split)."""
+    tallies, side_by_side = parts[0]
+    for other_tallies, other_rows in parts[1:]:
+        for name, tally in tallies.items():
+            tally.merge(other_tallies[name])
+        side_by_side = _largest_lesions(side_by_side + other_rows)
+    return tallies, side_by_side
+
+
 def evaluate_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path, predictors: str | None = None,
                      save_maps: bool = False, progress: bool = True, predictor_params: dict | None = None,
-                     baseline: bool = True) -> dict:
+                     baseline: bool = True, workers: int = 1) -> dict:
     """Evaluate the run on a labelled test set; returns the metrics of the first predictor (or the
     summary of all). Writes OUT/metrics.json and OUT/report.html (one predictor), or one subfolder
     per predictor plus OUT/summary.json and OUT/report.html (several). `predictor_params` maps a
     predictor name to its hyper-parameters (e.g. {"projection": {"steps": 50}}) for named predictors.
-    With `baseline`, the intensity baseline is evaluated in the same pass (module docstring)."""
-    from tqdm.auto import tqdm
-
+    With `baseline`, the intensity baseline is evaluated in the same pass (module docstring).
+    `workers` > 1 splits the cases over that many processes; the results equal those of one."""
     out_dir = Path(out_dir)
     _check_output_dir(out_dir)
-    model, config = load_model(run_dir)
+    run_dir = str(Path(run_dir).resolve())
+    config = load_run_config(run_dir)
     cases, spec = _test_cases(run_dir, data, config, require_seg=True)
-    tallies = {}
+    built = {}  # name -> (source, fitted scorer); calibrated here, once, before any worker starts
     for name in resolve_predictors(run_dir, predictors):
-        scorer = calibrate(run_dir, name, None if name is None else dict((predictor_params or {}).get(name, {})),
-                           progress)
-        tallies[scorer.predictor.name] = PredictorTally(scorer)
-    reported = list(tallies)  # the baseline joins the pass, but gets its own results only if asked for
-    if baseline and BASELINE not in tallies:
-        tallies[BASELINE] = PredictorTally(calibrate(run_dir, BASELINE, {}, progress))
+        source = ScorerSource(run_dir, name, None if name is None else dict((predictor_params or {}).get(name, {})))
+        scorer = source.build(progress)
+        built[scorer.predictor.name] = (source, scorer)
+    reported = list(built)  # the baseline joins the pass, but gets its own results only if asked for
+    if baseline and BASELINE not in built:
+        source = ScorerSource(run_dir, BASELINE, {})
+        built[BASELINE] = (source, source.build(progress))
     if baseline and len(reported) > 1:  # compared side by side: the baseline comes first
-        tallies = {BASELINE: tallies[BASELINE], **{k: v for k, v in tallies.items() if k != BASELINE}}
-        reported = list(tallies)
-    model = tallies[reported[0]].scorer.model
-    side_by_side: list[tuple[int, str, SideBySide]] = []  # (lesion voxels, case id, panel), largest first
+        built = {BASELINE: built[BASELINE], **{k: v for k, v in built.items() if k != BASELINE}}
+        reported = list(built)
+    job = EvaluationJob(run_dir, {name: src for name, (src, _) in built.items()}, tuple(reported), save_maps)
     with atomic_dir(out_dir) as tmp:
-        with tqdm(cases, desc="evaluating", unit="case", disable=not progress) as bar:
-            for case in bar:
-                prepared = _prepare_one(case, spec, config)
-                ref = load_volume(prepared.reference, header_only=True) if save_maps else None
-                row, to2d = _side_by_side_row(prepared) if len(tallies) > 1 else (None, None)
-                for name, tally in tallies.items():
-                    smoothed, scores = tally.scorer.predict_case(prepared)
-                    seg = tally.scorer.post.segment(smoothed)
-                    tally.add(prepared, smoothed, scores, seg, model)
-                    if row is not None:
-                        row.maps[name] = to2d(smoothed)
-                    if save_maps and name in reported:
-                        sub = tmp / "maps" / (name if len(reported) > 1 else "")
-                        save_like(ref, smoothed, sub / f"{case.case_id}_anomaly_map.nii.gz", np.float32)
-                        save_like(ref, seg, sub / f"{case.case_id}_segmentation.nii.gz", np.uint8)
-                if row is not None:
-                    side_by_side.append((int(prepared.truth.sum()), case.case_id, row))
-                    side_by_side.sort(key=lambda r: (-r[0], r[1]))
-                    del side_by_side[N_SIDE_BY_SIDE:]
+        scorers = {name: scorer for name, (_, scorer) in built.items()} if workers <= 1 else None
+        parts = run_sharded(evaluate_shard, cases, workers, (job, tmp, scorers), progress, desc="evaluating")
+        tallies, side_by_side = merge_shards(parts)
         base = tallies[BASELINE] if baseline else None
         base_metrics = base.metrics() if base is not None else None
         results = {}

@@ -17,7 +17,8 @@
 with the same run scored by PyTorch in float32 the maps agree within 1e-4 (tests/test_export.py).
 
 Which predictors export (ONNX's standard operator sets have no automatic differentiation):
-- `residual` (any sign): one forward pass and arithmetic. Exported.
+- `residual` (any polarity): one forward pass and arithmetic. Exported.
+- `intensity` (the baseline): arithmetic on the input with its fitted healthy statistics. Exported.
 - `grad_elbo`, `grad_kl`, `grad_rec`, `combi`: maps are input gradients (a backward pass). Not exported.
 - `projection`: 20 gradient-descent steps on the input with per-sample step control. Not exported.
 - `ensemble`: its members are (mostly) gradient predictors, and it normalises with fitted statistics.
@@ -46,7 +47,7 @@ from anomaseg.scoring import Scorer, calibrate, vars_of
 
 METADATA_KEY = "anomaseg"
 FORMAT = "anomaseg-onnx/1"
-EXPORTABLE = ("residual",)
+EXPORTABLE = ("residual", "intensity")
 NOT_EXPORTABLE = {
     "grad_elbo": "its map is an input gradient (needs autograd, which ONNX inference graphs lack)",
     "grad_kl": "its map is an input gradient (needs autograd, which ONNX inference graphs lack)",
@@ -107,20 +108,19 @@ def export_onnx(run_dir: str | Path, out: str | Path, predictor: str | None = No
     """Export the run's model and predictor map to `out` (written atomically); returns the metadata."""
     import onnx
 
-    scorer = calibrate(run_dir, predictor, params, progress, device="cpu")
-    name = scorer.predictor.name
+    from anomaseg.run import checkpoint_stamp, load_run_config
+
+    config = load_run_config(run_dir)
+    name = predictor or config.score.predictor
     if name not in EXPORTABLE:
         reason = NOT_EXPORTABLE.get(name, "it is not a single forward pass")
         raise InputError(None, f"predictor {name!r} cannot be exported to ONNX: {reason}; "
                                f"exportable: {', '.join(EXPORTABLE)}")
-    from anomaseg.run import checkpoint_stamp, load_run_config
-
-    config = load_run_config(run_dir)
+    scorer = calibrate(run_dir, predictor, params, progress, device="cpu")
     spec = config.data.slice_spec()
     # A fresh copy, contiguous: the exporter traces this module and nothing else uses it.
     net = inference_copy(scorer.model, "cpu", channels_last=False)
-    graph = MapGraph(net, scorer.predictor).eval()
-    example = torch.rand(2, len(spec.modalities), spec.image_size, spec.image_size)
+    shape = (len(spec.modalities), spec.image_size, spec.image_size)
     meta = ExportMetadata(
         preprocessing={**asdict(spec), "description": (
             "per modality: scale the brain's voxels so that the percentiles map to 0 and 1, clip to "
@@ -132,12 +132,8 @@ def export_onnx(run_dir: str | Path, out: str | Path, predictor: str | None = No
                    "slice_score": f"mean of the highest {TOP_FRACTION:.0%} of the map inside the brain mask"},
         postprocessing=vars_of(scorer.post), threshold=float(scorer.post.threshold_), model=dict(scorer.model.hparams),
         source={"run": str(Path(run_dir).resolve()), "checkpoint": checkpoint_stamp(run_dir)},
-        activation_bytes_per_sample=activation_bytes_per_sample(net, tuple(example.shape[1:]), "cpu"))
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    program = torch.onnx.export(graph, (example,), None, dynamo=True, input_names=[INPUT], output_names=[OUTPUT],
-                                dynamic_shapes={"image": {0: batch}}, opset_version=opset, external_data=False,
-                                verbose=False)
-    proto = program.model_proto
+        activation_bytes_per_sample=activation_bytes_per_sample(net, shape, "cpu"))
+    proto = onnx_graph(net, scorer.predictor, shape, opset)
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, meta.to_json()
     proto.producer_name, proto.producer_version = "anomaseg", __version__
@@ -145,6 +141,23 @@ def export_onnx(run_dir: str | Path, out: str | Path, predictor: str | None = No
     with atomic_path(out) as tmp:
         onnx.save_model(proto, str(tmp))
     return meta
+
+
+def onnx_graph(net: torch.nn.Module, predictor, shape: tuple[int, int, int], opset: int = 18):
+    """The ONNX ModelProto of `image -> predictor.anomaly_map(net, image)` for inputs (batch, *shape),
+    the batch axis dynamic. Uses torch's maintained (dynamo) exporter; the older TorchScript
+    exporter was seen to alter the traced module's later eager outputs (torch 2.13)."""
+    import warnings
+
+    graph = MapGraph(net, predictor).eval()
+    example = torch.rand((2,) + tuple(shape))
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # pytree deprecations inside torch.export
+        program = torch.onnx.export(graph, (example,), None, dynamo=True, input_names=[INPUT], output_names=[OUTPUT],
+                                    dynamic_shapes={"image": {0: batch}}, opset_version=opset, external_data=False,
+                                    verbose=False)
+    return program.model_proto
 
 
 def read_metadata(path: str | Path) -> ExportMetadata:
@@ -184,6 +197,7 @@ class OnnxScorer(Scorer):
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         self.predictor = create_predictor(self.meta.predictor["name"], **self.meta.predictor["params"])
+        self.predictor.set_modalities(self.meta.preprocessing["modalities"])
         self.post = self.meta.postprocessor()
         self.model = self.net = None
         self.device, self.precision, self._fabric_precision, self.optimize = "cpu", "32", "32-true", True
