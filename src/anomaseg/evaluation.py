@@ -46,8 +46,9 @@ class PredictorTally:
     its size. Tallies of disjoint shares `merge` exactly (counts add; per-case rows, slice scores and
     overlays are ordered by case id), so N worker processes give the metrics of one, bit for bit."""
 
-    predictor: str
+    predictor: str  # its name, or the caller's label for one of several settings of it
     threshold: float
+    params: dict = field(default_factory=dict)  # the predictor's hyper-parameters
     voxels: VoxelMetrics = field(default_factory=VoxelMetrics)
     tp: int = 0
     fp: int = 0
@@ -110,6 +111,7 @@ class PredictorTally:
             "image_auprc": binary_auprc(scores, labels) if two_classes else math.nan,
             "threshold": self.threshold,
             "predictor": self.predictor,
+            "predictor_params": self.params,
             "n_cases": len(self.per_case), "n_voxels": m["n_voxels"], "n_anomalous_voxels": m["n_positive"],
             "n_slices": int(len(labels)), "n_anomalous_slices": int(labels.sum()),
             "per_case": sorted(self.per_case, key=lambda row: row["case_id"]),
@@ -169,7 +171,8 @@ def evaluate_shard(rank: int, cases: list, report, job: EvaluationJob, out: Path
     config = load_run_config(job.run_dir)
     spec = config.data.slice_spec()
     model = scorers[job.reported[0]].model
-    tallies = {name: PredictorTally(name, scorer.post.threshold_) for name, scorer in scorers.items()}
+    tallies = {name: PredictorTally(name, scorer.post.threshold_, scorer.predictor.get_params())
+               for name, scorer in scorers.items()}
     reported = list(job.reported)
     side_by_side: list[tuple[int, str, SideBySide]] = []  # (lesion voxels, case id, panel), largest first
     for case in cases:
@@ -209,13 +212,24 @@ def merge_shards(parts: list[tuple[dict, list]]) -> tuple[dict, list]:
     return tallies, side_by_side
 
 
-def evaluate_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path, predictors: str | None = None,
+def predictor_specs(run_dir, predictors: str | dict | None, predictor_params: dict | None = None) -> dict:
+    """{label: (name, params)} to evaluate. `predictors`: None (the run's configured predictor), the
+    command line's 'a,b' / 'all' (labels = names; `predictor_params` {name: params}), or a mapping
+    {label: {"name": ..., "params": {...}}} (one predictor under several settings in one pass)."""
+    if isinstance(predictors, dict):
+        return {label: (spec["name"], dict(spec.get("params") or {})) for label, spec in predictors.items()}
+    return {name: (name, None if name is None else dict((predictor_params or {}).get(name, {})))
+            for name in resolve_predictors(run_dir, predictors)}
+
+
+def evaluate_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path, predictors: str | dict | None = None,
                      save_maps: bool = False, progress: bool = True, predictor_params: dict | None = None,
                      baseline: bool = True, workers: int = 1) -> dict:
     """Evaluate the run on a labelled test set; returns the metrics of the first predictor (or the
     summary of all). Writes OUT/metrics.json and OUT/report.html (one predictor), or one subfolder
-    per predictor plus OUT/summary.json and OUT/report.html (several). `predictor_params` maps a
-    predictor name to its hyper-parameters (e.g. {"projection": {"steps": 50}}) for named predictors.
+    per predictor plus OUT/summary.json and OUT/report.html (several). `predictors`: see
+    `predictor_specs`; `predictor_params` maps a predictor name to its hyper-parameters (e.g.
+    {"projection": {"steps": 50}}) for named predictors.
     With `baseline`, the intensity baseline is evaluated in the same pass (module docstring).
     `workers` > 1 splits the cases over that many processes; the results equal those of one."""
     out_dir = Path(out_dir)
@@ -223,11 +237,11 @@ def evaluate_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path,
     run_dir = str(Path(run_dir).resolve())
     config = load_run_config(run_dir)
     cases, spec = _test_cases(run_dir, data, config, require_seg=True)
-    built = {}  # name -> (source, fitted scorer); calibrated here, once, before any worker starts
-    for name in resolve_predictors(run_dir, predictors):
-        source = ScorerSource(run_dir, name, None if name is None else dict((predictor_params or {}).get(name, {})))
+    built = {}  # label -> (source, fitted scorer); calibrated here, once, before any worker starts
+    for label, (name, params) in predictor_specs(run_dir, predictors, predictor_params).items():
+        source = ScorerSource(run_dir, name, params)
         scorer = source.build(progress)
-        built[scorer.predictor.name] = (source, scorer)
+        built[label or scorer.predictor.name] = (source, scorer)
     reported = list(built)  # the baseline joins the pass, but gets its own results only if asked for
     if baseline and BASELINE not in built:
         source = ScorerSource(run_dir, BASELINE, {})

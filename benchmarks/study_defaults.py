@@ -1,0 +1,378 @@
+"""Study: which model, predictor and polarity `anomaseg train` / `evaluate` should use by default.
+
+    .venv/bin/python benchmarks/study_defaults.py --resume          # hours on a 2-core CPU; resumable
+    .venv/bin/python benchmarks/study_defaults.py --quick           # smoke test: minutes
+    .venv/bin/python benchmarks/study_defaults.py --resume --report # tables and plot from what has finished
+
+Every model configuration of `CONFIGS` (the DAE included) is trained with the same budget on the
+healthy subjects of the *realistic* phantom (`make_phantom(realism=True)`: normal FLAIR
+hyper-intensities that fool a threshold, lesions that are not the brightest tissue), for each
+modality setting of `SETTINGS` (FLAIR, T1, FLAIR+T2 as channels) and each seed, at 64 px; then
+evaluated on the lesioned subjects with every predictor it supports (`PREDICTORS`), each beside the
+intensity baseline on the same cases (`evaluate_dataset` computes it in the same pass, calibrated on
+the same held-out healthy subjects). Stage 2 trains the best few (model, predictor) pairs again at
+128 px. A run that finished (training and evaluation) is never redone with `--resume`; results are
+written after every run, so the tables can be made at any time with `--report`.
+
+How "best and robust" is decided (chosen before any result was seen): for a (model, predictor) pair
+and one modality setting, its gain over the baseline is the mean over seeds of
+(AUPRC / AUPRC_baseline + Dice / Dice_baseline) / 2 - 1 (pixel AUPRC and best Dice, the paired
+baseline of the same run); a pair's score is the *minimum* of that gain over the modality settings
+(a default must hold on every kind of data), its mean reported beside. Stage 2 retrains the
+`--top` pairs by that score.
+
+Left out, and why: the projection predictor (never better than the residual in the 36-run VAE study of
+benchmarks/README.md, at ~21x its cost), grad_rec (grad_elbo at small beta is grad_rec plus a small
+KL term). `--predictors` adds any registered predictor.
+
+Writes benchmarks/results/study_defaults{_quick}.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from anomaseg import config as cfg  # noqa: E402
+from anomaseg.atomic import write_text  # noqa: E402
+
+# model configurations: preset file (configs/) and parameter overrides
+CONFIGS = {
+    "dense_ae": ("baur2018_dense_ae", {}),
+    "spatial_ae": ("baur2018_spatial_ae", {}),
+    "dense_vae_b0.05": ("baur2018_dense_vae", {"beta": 0.05}),
+    "spatial_vae_b1": ("baur2018_spatial_vae", {}),
+    "spatial_vae_b0.05": ("baur2018_spatial_vae", {"beta": 0.05}),
+    "anovaegan": ("baur2018_anovaegan", {}),
+    "skip_ganomaly": ("skipganomaly", {"base_channels": 32, "max_channels": 256}),  # CPU budget, as compare_models
+    "dae": ("kascenas2022_dae", {}),
+}
+QUICK_PARAMS = {"skip_ganomaly": {"base_channels": 16, "max_channels": 128}}
+SETTINGS = {"flair": ["flair"], "t1": ["t1"], "flair_t2": ["flair", "t2"]}
+AUTO = {"polarity": "auto"}
+# label -> (predictor, params, what the model must offer)
+PREDICTORS = {
+    "residual": ("residual", {}, "recon"),
+    "residual_auto": ("residual", AUTO, "recon"),
+    "residual+intensity": ("ensemble", {"members": [{"name": "residual", "params": AUTO}, "intensity"]}, "recon"),
+    "grad_elbo": ("grad_elbo", {}, "vae"),
+    "grad_elbo_auto": ("grad_elbo", AUTO, "vae"),
+    "grad_kl": ("grad_kl", {}, "vae"),
+    "combi": ("combi", {}, "vae"),
+    "ensemble": ("ensemble", {}, "vae"),
+}
+METRICS = ("pixel_auroc", "pixel_auprc", "dice_best", "dice_at_threshold")
+
+FULL = dict(healthy=40, lesioned=12, epochs=12, batch_size=32, max_steps=None, seeds=[0, 1, 2], sizes=[64, 128], top=2)
+QUICK = dict(healthy=5, lesioned=2, epochs=1, batch_size=16, max_steps=3, seeds=[0, 1], sizes=[32, 64], top=1)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke test: tiny budget, 2 seeds, 32/64 px")
+    p.add_argument("--configs", help=f"comma-separated subset of {', '.join(CONFIGS)}")
+    p.add_argument("--settings", help=f"comma-separated subset of {', '.join(SETTINGS)}")
+    p.add_argument("--predictors", help="extra registered predictors to evaluate (comma-separated names)")
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--healthy", type=int)
+    p.add_argument("--lesioned", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--sizes", type=int, nargs="+", help="image sizes: stage 1 (all pairs), then stage 2 (the top pairs)")
+    p.add_argument("--top", type=int, help="pairs retrained at the stage-2 size")
+    p.add_argument("--phantom-seed", type=int, default=0)
+    p.add_argument("--no-realism", action="store_true", help="the phantom without the realism features")
+    p.add_argument("--work", help="working folder (default benchmarks/results/work_defaults[_quick])")
+    p.add_argument("--resume", action="store_true", help="reuse finished runs")
+    p.add_argument("--report", action="store_true", help="only (re)write the tables from finished runs")
+    p.add_argument("--out", help="output stem (default benchmarks/results/study_defaults[_quick])")
+    args = p.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
+# ------------------------------------------------------------------------------------- runs
+def run_config(config_name: str, setting: str, size: int, seed: int, args, train_dir: Path, cache: Path) -> cfg.RunConfig:
+    preset, params = CONFIGS[config_name]
+    params = {**params, **(QUICK_PARAMS.get(config_name, {}) if args.quick else {})}
+    overrides = {"data": {"modalities": SETTINGS[setting], "image_size": size, "cache_dir": str(cache)},
+                 "model": {"params": params},
+                 "train": {"epochs": args.epochs, "batch_size": args.batch_size, "seed": seed,
+                           "max_steps_per_epoch": args.max_steps},
+                 "score": {"predictor": "residual"}}
+    config = cfg.resolve(ROOT / "configs" / f"{preset}.yaml", overrides)
+    config.train_dir = str(train_dir)
+    return config
+
+
+def predictor_specs(model, extra: list[str]) -> dict:
+    from anomaseg.predictors import model_capabilities
+
+    caps = model_capabilities(model)
+    specs = {label: {"name": name, "params": params} for label, (name, params, need) in PREDICTORS.items()
+             if need in caps}
+    for name in extra:
+        specs.setdefault(name, {"name": name, "params": {}})
+    return specs
+
+
+def run_key(config_name: str, setting: str, size: int, seed: int) -> str:
+    return f"{config_name}__{setting}__{size}px__seed{seed}"
+
+
+def train_and_evaluate(key: str, config: cfg.RunConfig, work: Path, test_dir: Path, extra: list[str]) -> dict:
+    """Train (afresh) and evaluate one run; returns its record (metrics of every predictor + baseline)."""
+    from anomaseg.evaluation import evaluate_dataset
+    from anomaseg.run import RunPaths, load_checkpoint, load_model
+    from anomaseg.training import train
+
+    run, evaluation = work / "runs" / key, work / "eval" / key
+    shutil.rmtree(run, ignore_errors=True)
+    shutil.rmtree(evaluation, ignore_errors=True)
+    t0 = time.perf_counter()
+    train(config, run, progress=False)
+    train_seconds = time.perf_counter() - t0
+    model, _ = load_model(run)
+    results = evaluate_dataset(run, test_dir, evaluation, predictors=predictor_specs(model, extra), progress=False)
+    history = load_checkpoint(RunPaths(run).last)["history"]
+    record = {"key": key, "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - t0 - train_seconds,
+              "slices_per_second": statistics.median(h["slices_per_second"] for h in history),
+              "parameters": sum(p.numel() for p in model.parameters()), "predictors": {}}
+    for label, m in results.items():
+        record["predictors"][label] = {**{k: m[k] for k in METRICS}, "image_auroc": m["image_auroc"],
+                                       "per_case_dice": {r["case_id"]: r["dice"] for r in m["per_case"]}}
+    record["baseline"] = record["predictors"].pop("intensity")
+    shutil.rmtree(run / "samples", ignore_errors=True)  # keep checkpoints and evaluations, not the PNGs
+    return record
+
+
+# ------------------------------------------------------------------------------------- analysis
+def gain(m: dict, base: dict) -> float:
+    """Mean relative gain in AUPRC and best Dice over the paired baseline."""
+    parts = [m[k] / base[k] for k in ("pixel_auprc", "dice_best") if base[k] and base[k] > 0]
+    return statistics.fmean(parts) - 1 if parts else math.nan
+
+
+def mean_std(values) -> tuple[float, float]:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(records: dict, size: int) -> dict:
+    """{(config, predictor): {setting: {metric: (mean, std), ..., "gain": (mean, std), "n": seeds}}};
+    the baseline as ("baseline", "intensity"), one value per (setting, seed): it does not depend on
+    the model (every run of a seed holds out the same healthy subjects)."""
+    groups: dict = {}
+    baselines: dict = {}
+    for rec in records.values():
+        if rec["size"] != size:
+            continue
+        for label, m in rec["predictors"].items():
+            groups.setdefault((rec["config"], label), {}).setdefault(rec["setting"], []).append((m, rec["baseline"]))
+        baselines.setdefault(rec["setting"], {})[rec["seed"]] = rec["baseline"]
+    groups[("baseline", "intensity")] = {s: [(b, b) for b in by_seed.values()] for s, by_seed in baselines.items()}
+    out = {}
+    for pair, by_setting in groups.items():
+        out[pair] = {}
+        for setting, runs in by_setting.items():
+            entry = {k: mean_std([m[k] for m, _ in runs]) for k in METRICS}
+            entry["baseline_auprc"] = mean_std([b["pixel_auprc"] for _, b in runs])
+            entry["baseline_dice"] = mean_std([b["dice_best"] for _, b in runs])
+            entry["gain"] = mean_std([gain(m, b) for m, b in runs])
+            entry["n"] = len(runs)
+            out[pair][setting] = entry
+    return out
+
+
+def ranking(agg: dict, settings: list[str]) -> list[tuple]:
+    """Pairs with results in every setting, best first: (pair, min gain, mean gain)."""
+    rows = []
+    for pair, by_setting in agg.items():
+        if pair[0] == "baseline" or any(s not in by_setting for s in settings):
+            continue
+        gains = [by_setting[s]["gain"][0] for s in settings]
+        rows.append((pair, min(gains), statistics.fmean(gains)))
+    return sorted(rows, key=lambda r: (-r[1], -r[2]))
+
+
+def fmt(ms) -> str:
+    mean, std = ms
+    return "n/a" if math.isnan(mean) else f"{mean:.3f} +- {std:.3f}"
+
+
+def markdown(agg_by_size: dict, settings: list[str], setup: dict) -> str:
+    lines = [f"# Defaults study ({'quick smoke test' if setup['quick'] else 'full'})", "",
+             f"Realistic phantom ({'realism on' if setup['realism'] else 'realism OFF'}): {setup['healthy']} healthy "
+             f"subjects (80% train, 20% held out for validation and calibration), {setup['lesioned']} lesioned test "
+             f"subjects; {setup['epochs']} epochs of batches of {setup['batch_size']}; seeds "
+             f"{', '.join(map(str, setup['seeds']))}. Pixel AUPRC and best Dice, mean +- std over seeds; "
+             "gain = mean over seeds of (AUPRC/AUPRC_baseline + Dice/Dice_baseline)/2 - 1 against the intensity "
+             "baseline of the same run. Machine: " + setup["machine"] + ".", ""]
+    for size, agg in agg_by_size.items():
+        ranked = ranking(agg, settings)
+        if not agg:
+            continue
+        lines += [f"## {size} px", ""]
+        for setting in settings:
+            base = agg.get(("baseline", "intensity"), {}).get(setting)
+            rows = sorted(((pair, e[setting]) for pair, e in agg.items() if setting in e and pair[0] != "baseline"),
+                          key=lambda r: -r[1]["gain"][0])
+            if not rows:
+                continue
+            lines += [f"### {setting.replace('_', ' + ').upper()}", "",
+                      "| model | predictor | pixel AUROC | pixel AUPRC | best Dice | Dice at threshold | gain over baseline | seeds |",
+                      "|---|---|---|---|---|---|---|---|"]
+            if base:
+                lines.append(f"| **baseline** | intensity | {fmt(base['pixel_auroc'])} | {fmt(base['pixel_auprc'])} | "
+                             f"{fmt(base['dice_best'])} | {fmt(base['dice_at_threshold'])} | 0 | {base['n']} |")
+            for (config_name, label), e in rows:
+                lines.append(f"| {config_name} | {label} | {fmt(e['pixel_auroc'])} | {fmt(e['pixel_auprc'])} | "
+                             f"{fmt(e['dice_best'])} | {fmt(e['dice_at_threshold'])} | {e['gain'][0]:+.1%} "
+                             f"+- {e['gain'][1]:.1%} | {e['n']} |")
+            lines.append("")
+        if ranked:
+            lines += [f"### Ranking at {size} px (pairs with every setting; score = worst setting's gain)", "",
+                      "| rank | model | predictor | worst-setting gain | mean gain | " + " | ".join(settings) + " |",
+                      "|---|---|---|---|---|" + "---|" * len(settings)]
+            for i, ((config_name, label), worst, mean) in enumerate(ranked[:12], 1):
+                cells = " | ".join(f"{agg[(config_name, label)][s]['gain'][0]:+.1%}" for s in settings)
+                lines.append(f"| {i} | {config_name} | {label} | {worst:+.1%} | {mean:+.1%} | {cells} |")
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plot(agg_by_size: dict, settings: list[str], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    size = min(agg_by_size)
+    agg = agg_by_size[size]
+    ranked = [pair for pair, _, _ in ranking(agg, settings)][:10]
+    if not ranked:
+        return
+    fig = Figure(figsize=(4.2 * len(settings), 4.6))
+    axes = fig.subplots(1, len(settings), sharey=True, squeeze=False)[0]
+    for ax, setting in zip(axes, settings):
+        ys = range(len(ranked))
+        for offset, key, colour, name in ((-0.2, "pixel_auprc", "C0", "pixel AUPRC"), (0.2, "dice_best", "C1", "best Dice")):
+            vals = [agg[p][setting][key] for p in ranked]
+            ax.barh([y + offset for y in ys], [v[0] for v in vals], height=0.38, xerr=[v[1] for v in vals],
+                    color=colour, label=name)
+        base = agg.get(("baseline", "intensity"), {}).get(setting)
+        if base:
+            ax.axvline(base["pixel_auprc"][0], color="C0", ls="--", lw=1, label="baseline AUPRC")
+            ax.axvline(base["dice_best"][0], color="C1", ls="--", lw=1, label="baseline Dice")
+        ax.set_yticks(list(ys), [f"{c} / {p}" for c, p in ranked], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_title(f"{setting.replace('_', ' + ').upper()} ({size} px)", fontsize=10)
+        ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def machine() -> str:
+    try:
+        info = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("Model name")), "?")
+        bf16 = "avx512_bf16" in info
+    except (OSError, subprocess.CalledProcessError):
+        model, bf16 = platform.processor() or platform.machine(), False
+    return f"{model}, {os.cpu_count()} cores, {'AVX512-BF16 (bf16 autocast)' if bf16 else 'no bf16 (fp32)'}"
+
+
+# ------------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from anomaseg.data.phantom import make_phantom
+
+    suffix = "_quick" if args.quick else ""
+    work = Path(args.work) if args.work else ROOT / "benchmarks" / "results" / f"work_defaults{suffix}"
+    out_stem = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"study_defaults{suffix}"
+    configs = [c.strip() for c in args.configs.split(",")] if args.configs else list(CONFIGS)
+    settings = [s.strip() for s in args.settings.split(",")] if args.settings else list(SETTINGS)
+    extra = [p.strip() for p in args.predictors.split(",")] if args.predictors else []
+    bad = sorted(set(configs) - set(CONFIGS)) + sorted(set(settings) - set(SETTINGS))
+    if bad:
+        raise SystemExit(f"unknown config(s)/setting(s): {', '.join(bad)}")
+    records_path = work / "records.json"
+    records = json.loads(records_path.read_text()) if (args.resume or args.report) and records_path.exists() else {}
+    setup = {"quick": args.quick, "configs": configs, "settings": settings, "seeds": args.seeds, "sizes": args.sizes,
+             "healthy": args.healthy, "lesioned": args.lesioned, "epochs": args.epochs, "batch_size": args.batch_size,
+             "max_steps_per_epoch": args.max_steps, "phantom_seed": args.phantom_seed, "realism": not args.no_realism,
+             "top": args.top, "machine": machine(), "torch_threads": None,
+             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+    def save():
+        work.mkdir(parents=True, exist_ok=True)
+        write_text(records_path, json.dumps(records, indent=1))
+
+    if not args.report:
+        import torch
+
+        setup["torch_threads"] = torch.get_num_threads()
+        phantom = work / "phantom"
+        print(f"phantom: {args.healthy} healthy + {args.lesioned} lesioned subjects in {phantom}", flush=True)
+        kwargs = {} if args.no_realism else {"realism": True}
+        make_phantom(phantom, args.healthy, args.lesioned, seed=args.phantom_seed, resolution=2,
+                     modalities=("t1", "t2", "flair"), **kwargs)
+        t0 = time.perf_counter()
+        stage1 = [(c, s, args.sizes[0], seed) for seed in args.seeds for s in settings for c in configs]
+        for i, (c, s, size, seed) in enumerate(stage1):
+            execute(records, c, s, size, seed, args, work, extra, save, f"[stage 1: {i + 1}/{len(stage1)}]", t0)
+        if len(args.sizes) > 1:
+            top = ranking(aggregate(records, args.sizes[0]), settings)[:args.top]
+            chosen = sorted({c for (c, _), _, _ in top})
+            print(f"stage 2 at {args.sizes[1]} px: {', '.join(f'{c} / {p}' for (c, p), _, _ in top)}", flush=True)
+            stage2 = [(c, s, args.sizes[1], seed) for seed in args.seeds for s in settings for c in chosen]
+            for i, (c, s, size, seed) in enumerate(stage2):
+                execute(records, c, s, size, seed, args, work, extra, save, f"[stage 2: {i + 1}/{len(stage2)}]", t0)
+
+    agg_by_size = {size: aggregate(records, size) for size in sorted({r["size"] for r in records.values()})}
+    table = markdown(agg_by_size, settings, setup)
+    result = {"setup": setup, "runs": records,
+              "summary": {str(size): {f"{c}/{p}": e for (c, p), e in agg.items()} for size, agg in agg_by_size.items()}}
+    out_stem.parent.mkdir(parents=True, exist_ok=True)
+    write_text(out_stem.with_suffix(".json"), json.dumps(result, indent=1, default=str))
+    write_text(out_stem.with_suffix(".md"), table)
+    if agg_by_size:
+        plot(agg_by_size, settings, out_stem.with_suffix(".png"))
+    print(table)
+    return 0
+
+
+def execute(records, c, s, size, seed, args, work, extra, save, tag, t0) -> None:
+    key = run_key(c, s, size, seed)
+    if key in records and (args.resume or args.report):
+        return
+    config = run_config(c, s, size, seed, args, work / "phantom" / "train", work / "cache")
+    rec = train_and_evaluate(key, config, work, work / "phantom" / "test", extra)
+    rec.update(config=c, setting=s, size=size, seed=seed, load_average=round(os.getloadavg()[0], 2))
+    records[key] = rec
+    save()
+    best = max(rec["predictors"].items(), key=lambda kv: gain(kv[1], rec["baseline"]))
+    print(f"{tag} {key}: baseline AUPRC {rec['baseline']['pixel_auprc']:.3f} Dice {rec['baseline']['dice_best']:.3f}; "
+          f"best {best[0]} AUPRC {best[1]['pixel_auprc']:.3f} Dice {best[1]['dice_best']:.3f}; "
+          f"train {rec['train_seconds']:.0f} s, eval {rec['eval_seconds']:.0f} s "
+          f"(elapsed {time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
