@@ -280,10 +280,10 @@ def plot(agg_by_size: dict, settings: list[str], path: Path) -> None:
             ax.axvline(base["pixel_auprc"][0], color="C0", ls="--", lw=1, label="baseline AUPRC")
             ax.axvline(base["dice_best"][0], color="C1", ls="--", lw=1, label="baseline Dice")
         ax.set_yticks(list(ys), [f"{c} / {p}" for c, p in ranked], fontsize=7)
-        ax.invert_yaxis()
         ax.set_xlim(0, 1)
         ax.set_title(f"{setting.replace('_', ' + ').upper()} ({size} px)", fontsize=10)
         ax.legend(fontsize=6, loc="lower right")
+    axes[0].invert_yaxis()  # shared y axis: once, best pair on top
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
