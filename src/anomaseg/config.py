@@ -53,6 +53,7 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     precision: str = "auto"  # auto | bf16 | 32 | 16 (GPU only)
     channels_last: bool = True
+    compile: bool | str = "auto"  # torch.compile the training forward: auto (when the run is long enough) | on | off
     seed: int = 0
     num_workers: int = 0
     max_steps_per_epoch: int | None = None
@@ -60,6 +61,9 @@ class TrainConfig:
     def __post_init__(self):
         if self.lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
+        from anomaseg.compilation import compile_mode
+
+        compile_mode(self.compile)
 
 
 @dataclass

@@ -20,6 +20,7 @@ import torch
 
 from anomaseg import config as cfg
 from anomaseg.atomic import atomic_path, write_text
+from anomaseg.compilation import StepCompiler
 from anomaseg.data.layout import find_cases
 from anomaseg.data.slices import CaseCache, prepare_cases, training_slices
 from anomaseg.errors import InputError
@@ -30,6 +31,7 @@ from anomaseg.runtime import fabric_precision
 
 CHECKPOINT_SECONDS = 300  # also checkpoint mid-epoch after this long, so long epochs can resume
 BN_BATCHES = 32  # training batches used to re-estimate BatchNorm statistics after each epoch
+PROGRESS_EVERY = 10  # steps between progress-bar loss updates (each one waits for the device)
 
 
 def split_cases(case_ids: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -157,6 +159,7 @@ class Trainer:
             model.load_state_dict(state["model"])
         optimizers = model.make_optimizers(c.train.lr, tuple(c.train.betas))
         names = list(optimizers)
+        compiler = StepCompiler(model, c.train.compile, fabric.autocast, fabric.print)
         model, *opts = fabric.setup(model, *optimizers.values())
         optimizers = dict(zip(names, opts))
         if state is not None:  # after setup, so the optimiser state lands on the parameters' device
@@ -185,7 +188,7 @@ class Trainer:
             gen = torch.Generator().manual_seed(c.train.seed * 100_003 + epoch)
             perm = torch.randperm(len(train_x), generator=gen)
             first = start_step if epoch == start_epoch else 0
-            sums: dict[str, float] = {}
+            sums: dict[str, torch.Tensor | float] = {}  # summed where the logs live: no device sync per step
             t0 = time.perf_counter()
             with tqdm(range(first, steps), desc=f"epoch {epoch + 1}/{c.train.epochs}", unit="batch",
                       disable=not (self.progress and fabric.is_global_zero), leave=False) as bar:
@@ -195,20 +198,27 @@ class Trainer:
                         for group in opt.param_groups:
                             group["lr"] = lr
                     idx = perm[step * bs:(step + 1) * bs][fabric.global_rank::fabric.world_size]
-                    logs = model.training_step(to_batch(train_x[idx]), optimizers, fabric.backward, fabric.autocast)
+                    x = to_batch(train_x[idx])
+                    compiler.before_step(x)
+                    started = time.perf_counter()
+                    logs = model.training_step(x, optimizers, fabric.backward, fabric.autocast)
+                    compiler.after_step(started, (c.train.epochs - epoch) * steps - step - 1)
                     for k, v in logs.items():
                         sums[k] = sums.get(k, 0.0) + v
-                    bar.set_postfix(loss=f"{logs['loss']:.4g}")
+                    if not bar.disable and (step - first) % PROGRESS_EVERY == 0:
+                        bar.set_postfix(loss=f"{float(logs['loss']):.4g}", refresh=False)
                     if time.monotonic() - last_save > CHECKPOINT_SECONDS and step + 1 < steps:
                         self._checkpoint(fabric, model, optimizers, hparams, epoch, step + 1, history, best_val)
                         last_save = time.monotonic()
             seconds = time.perf_counter() - t0
-            self._recalibrate(model, train_x, bs, to_batch, epoch)
+            with compiler.eager():
+                self._recalibrate(model, train_x, bs, to_batch, epoch)
             done = max(1, steps - first)
-            record = {"epoch": epoch + 1, **{f"train_{k}": v / done for k, v in sums.items()},
+            record = {"epoch": epoch + 1, **{f"train_{k}": float(v) / done for k, v in sums.items()},
                       "slices_per_second": done * bs / seconds}
             if val_x is not None:
-                record.update({f"val_{k}": v for k, v in self._validate(fabric, model, val_x, bs, to_batch).items()})
+                with compiler.eager():
+                    record.update({f"val_{k}": v for k, v in self._validate(fabric, model, val_x, bs, to_batch).items()})
             history.append(record)
             val_loss = record.get("val_loss", record.get("train_loss", math.inf))
             improved = val_loss < best_val
@@ -217,7 +227,8 @@ class Trainer:
             last_save = time.monotonic()
             if fabric.is_global_zero:
                 write_text(paths.history, json.dumps(history, indent=1))
-                self._write_samples(model, shown, to_batch, epoch + 1)
+                with compiler.eager():
+                    self._write_samples(model, shown, to_batch, epoch + 1)
             fabric.print(f"epoch {epoch + 1}/{c.train.epochs}: " + ", ".join(
                 f"{k} {v:.4g}" for k, v in record.items() if k != "epoch") + (" (best)" if improved else ""))
             summary = record

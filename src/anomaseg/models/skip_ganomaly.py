@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from anomaseg.models.base import AnomalyModel, ModelOutput
+from anomaseg.models.base import AnomalyModel, ModelOutput, adam
 from anomaseg.models.registry import register_model
 from anomaseg.models.vaegan import frozen
 
@@ -164,8 +164,8 @@ class SkipGANomaly(AnomalyModel):
     def make_optimizers(self, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> dict[str, torch.optim.Optimizer]:
         """Adam for generator and discriminator; the model's `betas` win over the run's."""
         betas = self.betas or tuple(betas)
-        return {"generator": torch.optim.Adam(self.generator.parameters(), lr=lr, betas=betas),
-                "discriminator": torch.optim.Adam(self.discriminator.parameters(), lr=lr, betas=betas)}
+        return {"generator": adam(self.generator.parameters(), lr, betas),
+                "discriminator": adam(self.discriminator.parameters(), lr, betas)}
 
     def loss(self, x: torch.Tensor, out: ModelOutput) -> dict[str, torch.Tensor]:
         con = (out.recon.float() - x.float()).abs().mean()
@@ -174,7 +174,7 @@ class SkipGANomaly(AnomalyModel):
         return {"loss": self.w_con * con, "con": con, "lat": lat}
 
     def training_step(self, x: torch.Tensor, optimizers: dict, backward: Callable[[torch.Tensor], None],
-                      autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, float]:
+                      autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, torch.Tensor]:
         opt_g, opt_d = optimizers["generator"], optimizers["discriminator"]
         d = self.discriminator
         x_in = x + self.input_noise * torch.randn_like(x) if self.input_noise > 0 else x
@@ -203,5 +203,6 @@ class SkipGANomaly(AnomalyModel):
         opt_g.zero_grad(set_to_none=True)
         backward(g_loss)
         opt_g.step()
-        return {"loss": float(self.w_con * con.detach()), "con": float(con.detach()), "lat": float(lat.detach()),
-                "adv": float(adv.detach()), "g_total": float(g_loss.detach()), "d_loss": float(d_loss.detach())}
+        con, lat, adv = con.detach(), lat.detach(), adv.detach()
+        return {"loss": self.w_con * con, "con": con, "lat": lat, "adv": adv, "g_total": g_loss.detach(),
+                "d_loss": d_loss.detach()}

@@ -55,6 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from anomaseg.models.autoencoders import SpatialVAE
+from anomaseg.models.base import adam
 from anomaseg.models.blocks import conv_encoder, encoder_channels
 from anomaseg.models.registry import register_model
 
@@ -132,8 +133,8 @@ class AnoVAEGAN(SpatialVAE):
     def make_optimizers(self, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> dict[str, torch.optim.Optimizer]:
         """Adam for the VAE and for the discriminator; the model's `betas` win over the run's."""
         betas = self.betas or tuple(betas)
-        return {"generator": torch.optim.Adam(self.generator_parameters(), lr=lr, betas=betas),
-                "discriminator": torch.optim.Adam(self.discriminator.parameters(), lr=lr, betas=betas)}
+        return {"generator": adam(self.generator_parameters(), lr, betas),
+                "discriminator": adam(self.discriminator.parameters(), lr, betas)}
 
     # ----------------------------------------------------------------------------- losses
     def gradient_penalty(self, x: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
@@ -166,12 +167,12 @@ class AnoVAEGAN(SpatialVAE):
 
     # ----------------------------------------------------------------------------- training
     def training_step(self, x: torch.Tensor, optimizers: dict, backward: Callable[[torch.Tensor], None],
-                      autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, float]:
+                      autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, torch.Tensor]:
         opt_g, opt_d = optimizers["generator"], optimizers["discriminator"]
         with autocast():
             out = self(x)
         fake = out.recon.detach()
-        d_sums: dict[str, float] = {}
+        d_sums: dict[str, torch.Tensor] = {}
         for _ in range(self.d_steps):
             with autocast():
                 d_terms = self.discriminator_loss(x, fake)
@@ -179,7 +180,7 @@ class AnoVAEGAN(SpatialVAE):
             backward(d_terms["d_loss"])
             opt_d.step()
             for k, v in d_terms.items():
-                d_sums[k] = d_sums.get(k, 0.0) + float(v.detach())
+                d_sums[k] = d_sums.get(k, 0.0) + v.detach()
         with frozen(self.discriminator), autocast():
             terms = self.loss(x, out)
             adv = self.adversarial_loss(out.recon)
@@ -187,7 +188,7 @@ class AnoVAEGAN(SpatialVAE):
         opt_g.zero_grad(set_to_none=True)
         backward(total)
         opt_g.step()
-        logs = {k: float(v.detach()) for k, v in terms.items()}
-        logs.update(adv=float(adv.detach()), g_total=float(total.detach()),
+        logs = {k: v.detach() for k, v in terms.items()}
+        logs.update(adv=adv.detach(), g_total=total.detach(),
                     **{k: v / self.d_steps for k, v in d_sums.items()})
         return logs
