@@ -210,6 +210,8 @@ class Trainer:
                     if time.monotonic() - last_save > CHECKPOINT_SECONDS and step + 1 < steps:
                         self._checkpoint(fabric, model, optimizers, hparams, epoch, step + 1, history, best_val)
                         last_save = time.monotonic()
+            if fabric.device.type == "cuda":  # the epoch's time includes the work still queued on the GPU
+                torch.cuda.synchronize(fabric.device)
             seconds = time.perf_counter() - t0
             with compiler.eager():
                 self._recalibrate(model, train_x, bs, to_batch, epoch)
