@@ -16,7 +16,7 @@ def _steps(model, x, optimizer, n=3):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses
 
 
