@@ -94,7 +94,7 @@ def _break(kind, case_dir):
         return f"{case}: case '{case}' has no 'flair' image"
     if kind == "seg_shape":
         nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.uint8), img.affine), case_dir / f"{case}_seg.nii.gz")
-        return f"{case}_seg.nii.gz: segmentation shape (5, 5, 5) differs from image shape"
+        return f"{case}_seg.nii.gz: segmentation is not on the voxel grid of {case}_flair.nii.gz: shape (5, 5, 5)"
     if kind == "corrupt":
         p = case_dir / f"{case}_flair.nii.gz"
         p.write_bytes(p.read_bytes()[:100])

@@ -6,6 +6,7 @@ The resolved configuration is saved as RUN/config.yaml with every run; a run is 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +16,13 @@ import yaml
 
 from anomaseg.data.slices import SliceSpec
 from anomaseg.errors import InputError
+from anomaseg.runtime import PRECISIONS
+
+
+def _at_least(section, *limits: tuple[str, int]) -> None:
+    for name, low in limits:
+        if getattr(section, name) < low:
+            raise ValueError(f"{name} must be >= {low}, got {getattr(section, name)}")
 
 
 @dataclass
@@ -27,15 +35,17 @@ class DataConfig:
     crop_to_brain: bool = True  # crop slices to the brain's in-plane bounding box before resizing
     val_fraction: float = 0.2  # healthy cases held out (whole cases) for validation and calibration
     cache_dir: str | None = "default"  # "default": $ANOMASEG_CACHE or ~/.cache/anomaseg; null: no cache
+    brain_mask: str = "auto"  # cases without a mask file: auto | nonzero | derived | file (data/brainmask.py)
 
     def __post_init__(self):
-        self.slice_spec()  # validates image size, modalities and percentiles early
+        self.slice_spec()  # validates image size, modalities, percentiles and the brain mask rule early
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
     def slice_spec(self) -> SliceSpec:
         return SliceSpec(tuple(self.modalities), int(self.image_size), tuple(self.percentiles),
-                         float(self.clip_max), float(self.min_brain_fraction), bool(self.crop_to_brain))
+                         float(self.clip_max), float(self.min_brain_fraction), bool(self.crop_to_brain),
+                         self.brain_mask)
 
 
 @dataclass
@@ -61,6 +71,15 @@ class TrainConfig:
     def __post_init__(self):
         if self.lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
+        _at_least(self, ("epochs", 1), ("batch_size", 1), ("num_workers", 0), ("seed", 0))
+        if self.max_steps_per_epoch is not None:
+            _at_least(self, ("max_steps_per_epoch", 1))
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(sorted(PRECISIONS))}, got {self.precision!r}")
         from anomaseg.compilation import compile_mode
 
         compile_mode(self.compile)
@@ -75,6 +94,11 @@ class ScoreConfig:
     min_component_size: int = 8  # connected components with fewer voxels are dropped
     healthy_fpr: float = 0.005  # threshold: this fraction of healthy brain voxels is flagged
     batch_size: int | None = None  # scoring batch; None: sized to the machine (inference.inference_batch_size)
+
+    def __post_init__(self):
+        _at_least(self, ("median_size", 0), ("erosion", 0), ("min_component_size", 0), ("batch_size", 1))
+        if not 0 < self.healthy_fpr < 1:
+            raise ValueError(f"healthy_fpr must be in (0, 1), got {self.healthy_fpr}")
 
 
 @dataclass
@@ -133,8 +157,13 @@ def _coerce(value, hint, source, key: str):
             return v
         if t is str and isinstance(value, str):
             return value
+        if t is str and isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # e.g. `precision: 32` in YAML
         container = typing.get_origin(t) or t
-        if container in (list, dict) and isinstance(value, container):
+        if container is list and isinstance(value, list):
+            (item,) = typing.get_args(t) or (object,)
+            return value if item is object else [_coerce(v, item, source, f"{key}[{i}]") for i, v in enumerate(value)]
+        if container is dict and isinstance(value, dict):
             return value
     raise InputError(source, f"config key {key!r} must be of type {hint}, got {value!r}")
 
@@ -148,10 +177,18 @@ def merge(base: dict, override: dict) -> dict:
 
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise InputError(path, "config file not found")
+    if not path.is_file():
+        raise InputError(path, "config path is not a file")
     try:
-        d = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(path, "config is not a UTF-8 text file") from None
+    except OSError as exc:
+        raise InputError(path, f"config file cannot be read ({exc.strerror or exc})") from None
+    try:
+        d = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise InputError(path, f"config is not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(d, dict):
@@ -164,13 +201,18 @@ def parse_set(items: list[str]) -> dict:
     out: dict = {}
     for item in items or []:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InputError(None, f"--set expects key=value, got {item!r}")
-        node = out
         parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise InputError(None, f"--set expects key=value (key like train.lr), got {item!r}")
+        node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(value)
+            if not isinstance(node, dict):
+                raise InputError(None, f"--set {item!r}: {p!r} was set to a value before, not a section")
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise InputError(None, f"--set {item!r}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
     return out
 
 
@@ -181,6 +223,30 @@ def resolve(config_file: str | Path | None = None, overrides: dict | None = None
     if overrides:
         d = merge(d, overrides)
     return RunConfig.from_dict(d, config_file)
+
+
+def check_model_and_predictor(config: RunConfig) -> None:
+    """Build the configured model and predictor once (milliseconds), so that an unknown name or a
+    wrong parameter stops the command before any data is read or any epoch is trained."""
+    from anomaseg.models import create_model
+    from anomaseg.predictors import create_predictor
+
+    try:
+        model = create_model(config.model.name, in_channels=len(config.data.modalities),
+                             image_size=config.data.image_size, **config.model.params)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(None, f"model: {_message(exc)}") from None
+    try:
+        predictor = create_predictor(config.score.predictor, **config.score.predictor_params)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(None, f"score.predictor: {_message(exc)}") from None
+    if not predictor.supports(model):
+        raise InputError(None, f"score.predictor {config.score.predictor!r} needs a model with "
+                               f"{', '.join(predictor.requires)}; {config.model.name} has not")
+
+
+def _message(exc: Exception) -> str:
+    return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)  # KeyError quotes its text
 
 
 def save(config: RunConfig, path: str | Path) -> None:

@@ -15,3 +15,8 @@ class InputError(Exception):
         self.path = None if path is None else Path(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path is not None else problem)
+
+
+class InputWarning(UserWarning):
+    """Input that works but may not mean what the user thinks (e.g. a brain mask derived from the
+    images). The CLI prints it as one line, once per message."""

@@ -47,7 +47,7 @@ def test_4d_channel_selection(tmp_path):
     data = np.stack([np.full((3, 3, 3), k, np.float32) for k in range(3)], axis=-1)
     src = _save(tmp_path / "multi.nii.gz", data)
     assert load_volume(src, channel=2).data.max() == 2
-    with pytest.raises(InputError, match="multi.nii.gz.*3D volume"):
+    with pytest.raises(InputError, match="multi.nii.gz.*4D with 3 volumes"):
         load_volume(src)
     with pytest.raises(InputError, match="channel 5"):
         load_volume(src, channel=5)

@@ -10,11 +10,25 @@ x and row H-1-y (x to the right, y upwards, like an axial slice shown anterior u
 channel gives the grayscale image (luma 0.299 R + 0.587 G + 0.114 B for colour images). Outputs for
 a PNG reference are 2D images in its pixel order: float maps as 32-bit float TIFF, integer maps as
 8-bit PNG (binary masks written 0/255, like MVTec's ground truth) or 16-bit PNG above 255.
+
+What a NIfTI file must be (anything else is an `InputError` naming it, before its voxels are read):
+- 3D, or 4D with one volume per channel (a datalist names the channels), or with trailing axes of
+  length 1; 2D and 5D files, a zero-length axis and non-numeric or complex voxel types are refused;
+- as large as its header says: the file size is checked against the header's shape and type
+  before anything is allocated (a `.nii.gz` cannot hold more than ~1000x its size), and a volume
+  larger than half of this machine's memory is refused;
+- a finite, non-singular affine with a nonzero voxel size on every axis (nibabel would quietly
+  replace a zero `pixdim` by 1 mm);
+- segmentations and masks: a voxel is labelled when its value is >= 0.5 (float labels from
+  resampling are rounded to the nearest label, halves up; integer labels: > 0).
+Images of one case share one voxel grid (`check_same_grid`): the same shape and every voxel
+centre within `GRID_TOLERANCE` voxels of the same position in the other image.
 """
 
 from __future__ import annotations
 
 import gzip
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +43,9 @@ from anomaseg.errors import InputError
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 PNG_SUFFIXES = (".png",)
 _RAS = ornt.axcodes2ornt(("R", "A", "S"))
+GRID_TOLERANCE = 0.01  # voxels: two grids agree when every voxel centre lies within this of its twin
+GZIP_MAX_RATIO = 1100  # deflate expands at most ~1032x; a .nii.gz claiming more voxels than that lies
+LABEL_THRESHOLD = 0.5  # float segmentations / masks: a voxel is labelled when its value is >= this
 
 
 def is_nifti(path: str | Path) -> bool:
@@ -93,8 +110,10 @@ def load_volume(path: str | Path, *, channel: int | None = None, kind: str = "im
         img = nib.load(str(path))
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise InputError(path, f"{kind} is not a NIfTI image")
+        shape = _check_header(path, img, kind, channel)
+        _check_affine(path, img, kind)
         if header_only:
-            shape = img.header.get_data_shape()[:3]
+            shape = shape[:3]
             to_ras = ornt.ornt_transform(ornt.io_orientation(img.affine), _RAS)
             ras_shape = [0, 0, 0]
             for axis, (target, _) in enumerate(to_ras):
@@ -102,36 +121,24 @@ def load_volume(path: str | Path, *, channel: int | None = None, kind: str = "im
             return Volume(None, img.affine @ ornt.inv_ornt_aff(to_ras, shape), path, img.affine.copy(),
                           img.header.copy(), ornt.ornt_transform(_RAS, ornt.io_orientation(img.affine)),
                           tuple(ras_shape))
-        raw = np.asanyarray(img.dataobj)
+        if len(shape) == 4 and channel is not None:
+            raw = np.asanyarray(img.dataobj[:, :, :, channel])  # one volume, not the whole 4D file
+        else:
+            raw = np.asanyarray(img.dataobj)
     except InputError:
         raise
-    except (nib.filebasedimages.ImageFileError, EOFError, OSError, ValueError, zlib.error,
-            gzip.BadGzipFile, MemoryError) as exc:
-        raise InputError(path, f"{kind} is corrupt or not a readable NIfTI file ({exc})") from None
+    except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, EOFError, OSError,
+            ValueError, zlib.error, gzip.BadGzipFile, MemoryError) as exc:
+        raise InputError(path, f"{kind} is corrupt or not a readable NIfTI file ({_one_line(exc)})") from None
 
-    if raw.ndim == 4 and channel is not None:
-        if not 0 <= channel < raw.shape[3]:
-            raise InputError(path, f"{kind} has {raw.shape[3]} channels, channel {channel} requested")
-        raw = raw[..., channel]
-    while raw.ndim > 3 and raw.shape[-1] == 1:
-        raw = raw[..., 0]
-    if raw.ndim != 3:
-        raise InputError(path, f"{kind} must be a 3D volume, got shape {raw.shape}")
-    if min(raw.shape) < 1:
-        raise InputError(path, f"{kind} is empty (shape {raw.shape})")
-
+    raw = raw.reshape(raw.shape[:3])  # trailing axes of length 1 (checked in _check_header)
     if kind == "image":
         data = np.asarray(raw, dtype=np.float32)
         bad = ~np.isfinite(data)
         if bad.any():
             raise InputError(path, f"{kind} contains {int(bad.sum())} NaN/Inf voxels")
     else:
-        if np.issubdtype(raw.dtype, np.floating):
-            if not np.isfinite(raw).all():
-                raise InputError(path, f"{kind} contains NaN/Inf voxels")
-            data = np.rint(raw).astype(np.int16)
-        else:
-            data = np.asarray(raw)
+        data = _labels(raw, path, kind)
 
     source_affine = img.affine.copy()
     to_ras = ornt.ornt_transform(ornt.io_orientation(source_affine), _RAS)
@@ -139,6 +146,93 @@ def load_volume(path: str | Path, *, channel: int | None = None, kind: str = "im
     data = np.ascontiguousarray(ornt.apply_orientation(data, to_ras))
     affine = source_affine @ ornt.inv_ornt_aff(to_ras, raw.shape)
     return Volume(data, affine, path, source_affine, img.header.copy(), to_source)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or exc.__class__.__name__
+
+
+def _labels(raw: np.ndarray, path: Path, kind: str) -> np.ndarray:
+    """Label values as integers: floats (e.g. a mask resampled with linear interpolation, 0.5 at
+    its edge) are rounded to the nearest label, halves up, so value >= 0.5 counts as labelled."""
+    if np.issubdtype(raw.dtype, np.floating):
+        if not np.isfinite(raw).all():
+            raise InputError(path, f"{kind} contains NaN/Inf voxels")
+        return np.floor(np.clip(raw, -2**31, 2**31 - 1) + LABEL_THRESHOLD).astype(np.int32)
+    return np.asarray(raw)
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 2**36
+
+
+def _check_header(path: Path, img, kind: str, channel: int | None) -> tuple[int, ...]:
+    """Shape and voxel type from the header, checked against the file's size before any voxel is
+    read (a lying header must not make us allocate what it claims). Returns the data shape."""
+    header = img.header
+    shape = tuple(int(s) for s in header.get_data_shape())
+    if len(shape) < 3:
+        raise InputError(path, f"{kind} is {len(shape)}D (shape {shape}): a 3D volume is expected "
+                               "(2D images are read as PNG)")
+    if min(shape) < 1:
+        raise InputError(path, f"{kind} has a zero-length axis (shape {shape}): no voxels")
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) > 4:
+        raise InputError(path, f"{kind} is {len(shape)}D (shape {shape}): a 3D volume, or 4D with one "
+                               "volume per modality, is expected")
+    if len(shape) == 4:
+        if channel is None:
+            raise InputError(path, f"{kind} is 4D with {shape[3]} volumes (shape {shape}): name its "
+                                   "channels in a datalist's \"modality\" map, or split it into 3D files")
+        if not 0 <= channel < shape[3]:
+            raise InputError(path, f"{kind} has {shape[3]} channels, channel {channel} requested")
+    elif channel not in (None, 0):
+        raise InputError(path, f"{kind} holds one volume (shape {shape}), channel {channel} requested")
+    dtype = header.get_data_dtype()
+    if dtype.kind not in "biuf":
+        raise InputError(path, f"{kind} has voxels of type {dtype} (complex or structured): real numbers "
+                               "are expected (for complex MR data, take the magnitude first)")
+    n_voxels = int(np.prod(shape, dtype=np.float64))
+    nbytes = n_voxels * dtype.itemsize
+    size = path.stat().st_size
+    offset = int(header.get_data_offset())
+    claim = f"its header claims {'x'.join(map(str, shape))} voxels of {dtype} ({nbytes:,} bytes)"
+    if str(path).lower().endswith(".gz"):
+        if nbytes > GZIP_MAX_RATIO * size:
+            raise InputError(path, f"{kind}: {claim}, more than a {size:,}-byte gzip file can hold: "
+                                   "a wrong header or a truncated file")
+    elif size < offset + nbytes:
+        raise InputError(path, f"{kind}: {claim} after byte {offset}, but the file has only {size:,} bytes: "
+                               "truncated, or a wrong header")
+    per_volume = int(np.prod(shape[:3], dtype=np.float64)) * 8  # the float64 a scaled read may produce
+    if per_volume > _memory_bytes() // 2:
+        raise InputError(path, f"{kind}: {claim}; one volume needs {per_volume / 2**30:.1f} GiB, more than "
+                               "half of this machine's memory")
+    return shape
+
+
+def _check_affine(path: Path, img, kind: str) -> None:
+    """A usable voxel-to-world transform: finite, nonzero voxel size, axes independent."""
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.isfinite(affine).all():
+        raise InputError(path, f"{kind}'s affine (voxel-to-world transform, sform/qform) contains NaN or Inf")
+    header = img.header
+    if int(header["sform_code"]) == 0:  # the affine comes from qform or pixdim, which nibabel repairs
+        pixdim = np.asarray(header["pixdim"][1:4], dtype=np.float64)
+        if not (np.isfinite(pixdim).all() and (pixdim != 0).all()):
+            raise InputError(path, f"{kind}'s voxel size (pixdim) is {pixdim.tolist()}: zero or NaN "
+                                   "(nibabel would assume 1 mm); fix the header")
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    if zooms.min() <= 1e-6 * max(1.0, zooms.max()):
+        axis = int(np.argmin(zooms))
+        raise InputError(path, f"{kind}'s affine has a zero scale along voxel axis {axis} "
+                               f"(voxel sizes {np.round(zooms, 6).tolist()})")
+    if abs(np.linalg.det(affine[:3, :3])) <= 1e-6 * float(np.prod(zooms)):
+        raise InputError(path, f"{kind}'s affine is singular: its voxel axes are not independent")
 
 
 _COLOUR_MODES = ("RGB", "RGBA", "RGBX", "RGBa", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV")
@@ -243,10 +337,26 @@ def _save_image_like(reference: Volume, data_ras: np.ndarray, path: Path, dtype)
     return path
 
 
-def check_same_grid(reference: Volume, other: Volume, what: str) -> None:
-    """Segmentations and masks must share the image's voxel grid."""
+def grid_difference(reference: Volume, other: Volume) -> str | None:
+    """None when `other` lies on the reference's voxel grid (RAS+ shape equal, and every voxel centre
+    within GRID_TOLERANCE voxels of its twin: the affines are linear, so the volume's corners bound
+    the distance); else what differs."""
     if other.shape != reference.shape:
-        raise InputError(other.path, f"{what} shape {other.shape} differs from image shape "
-                                     f"{reference.shape} ({reference.path.name})")
-    if not np.allclose(other.affine, reference.affine, atol=1e-3):
-        raise InputError(other.path, f"{what} affine differs from the image's ({reference.path.name})")
+        return f"shape {other.shape} differs from {reference.shape}"
+    corners = np.array(np.meshgrid(*[[0, max(n - 1, 0)] for n in reference.shape], indexing="ij")).reshape(3, -1)
+    corners = np.vstack([corners, np.ones(corners.shape[1])])
+    shift = np.linalg.norm((other.affine @ corners - reference.affine @ corners)[:3], axis=0).max()
+    voxel = min(reference.spacing)
+    if shift > GRID_TOLERANCE * voxel:
+        return (f"its voxels lie up to {shift:.3g} mm away from the image's ({shift / voxel:.3g} voxels; "
+                f"tolerance {GRID_TOLERANCE} voxels)")
+    return None
+
+
+def check_same_grid(reference: Volume, other: Volume, what: str) -> None:
+    """Segmentations, masks and further modalities must share the first image's voxel grid."""
+    problem = grid_difference(reference, other)
+    if problem:
+        raise InputError(other.path, f"{what} is not on the voxel grid of {reference.path.name}: {problem}; "
+                                     "resample it onto that image (nearest neighbour for labels) or run "
+                                     "`anomaseg preprocess`")

@@ -83,13 +83,14 @@ def find_cases(root: str | Path, modalities: list[str] | None = None, split: str
             raise InputError(root, "dataset must be a folder or a datalist .json file")
         cases = _from_datalist(root, split)
     else:
-        sub = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        case_dirs = [p for p in sub if any(is_nifti(f) for f in p.iterdir())]
-        flat = sorted(f for f in root.iterdir() if f.is_file() and is_nifti(f) and not f.name.startswith("."))
+        entries = _entries(root)
+        sub = [p for p in entries if p.is_dir()]
+        case_dirs = [p for p in sub if any(is_nifti(f) for f in _entries(p))]
+        flat = [f for f in entries if f.is_file() and is_nifti(f)]
         cases = [_from_case_dir(d) for d in case_dirs] + _from_flat(root, flat, modalities)
         if not cases:  # PNG images only where there is no NIfTI data (a stray folder of screenshots stays out)
-            png_dirs = [d for d in sub if any(is_png(f) for f in d.iterdir())]
-            for folder in png_dirs + ([root] if any(is_png(f) for f in root.iterdir()) else []):
+            png_dirs = [d for d in sub if any(is_png(f) for f in _entries(d))]
+            for folder in png_dirs + ([root] if any(is_png(f) for f in entries) else []):
                 cases += _from_png_folder(folder)
         if not cases:
             raise InputError(root, "no NIfTI cases found (expected case folders <case>/<case>_<modality>.nii.gz, "
@@ -100,6 +101,14 @@ def find_cases(root: str | Path, modalities: list[str] | None = None, split: str
     if dupes:
         raise InputError(root, f"duplicate case ids: {', '.join(dupes)}")
     for case in cases:
+        _check_case_id(case.case_id, case.source or root)
+    folded: dict[str, str] = {}
+    for i in ids:  # outputs are named after case ids: they must stay apart on case-insensitive disks too
+        other = folded.setdefault(i.casefold(), i)
+        if other != i:
+            raise InputError(root, f"case ids {other!r} and {i!r} differ only in letter case; their output "
+                                   "files would collide on case-insensitive file systems")
+    for case in cases:
         for m in modalities or []:
             case.image(m)
         if require_seg and case.seg is None and not case.normal:
@@ -107,6 +116,36 @@ def find_cases(root: str | Path, modalities: list[str] | None = None, split: str
                         else "<case>_seg.nii.gz")
             raise InputError(case.source or root, f"case {case.case_id!r} has no segmentation ({expected})")
     return sorted(cases, key=lambda c: c.case_id)
+
+
+MAX_CASE_ID_BYTES = 200  # outputs add "_anomaly_map.nii.gz", the cache "-<key>.npz": file names stop at 255
+
+
+def _check_case_id(case_id: str, where: Path) -> None:
+    """A case id names output files: it must be a plain, non-empty file name."""
+    problem = None
+    if not case_id.strip():
+        problem = "is empty"
+    elif case_id in (".", "..") or any(c in case_id for c in "/\\"):
+        problem = "contains a path separator or is '.' / '..'"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in case_id):
+        problem = "contains control characters"
+    elif len(case_id.encode("utf-8", "surrogateescape")) > MAX_CASE_ID_BYTES:
+        problem = f"is longer than {MAX_CASE_ID_BYTES} bytes"
+    if problem:
+        raise InputError(where, f"case id {case_id!r} {problem}: it names output files")
+
+
+def _entries(folder: Path) -> list[Path]:
+    """The visible entries of a folder, sorted; a broken symbolic link is an error, not skipped."""
+    try:
+        entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    except OSError as exc:
+        raise InputError(folder, f"cannot read folder ({exc.strerror or exc})") from None
+    for p in entries:
+        if p.is_symlink() and not p.exists():
+            raise InputError(p, "broken symbolic link (its target does not exist)")
+    return entries
 
 
 def _split_name(stem: str, case_id: str) -> str | None:
@@ -119,8 +158,8 @@ def _split_name(stem: str, case_id: str) -> str | None:
 def _from_case_dir(folder: Path) -> Case:
     images: dict[str, ImageRef] = {}
     seg = mask = None
-    for f in sorted(folder.iterdir()):
-        if not (f.is_file() and is_nifti(f)) or f.name.startswith("."):
+    for f in _entries(folder):
+        if not (f.is_file() and is_nifti(f)):
             continue
         suffix = _split_name(nifti_stem(f), folder.name)
         if suffix is None:
@@ -147,6 +186,7 @@ def _from_flat(root: Path, files: list[Path], modalities: list[str] | None) -> l
     for f in files:
         stem = nifti_stem(f)
         head, sep, tail = max((stem.rpartition(s) for s in "_-"), key=lambda t: len(t[0]))
+        sep = sep if head else ""  # "_flair.nii.gz" is a case of its own, not modality flair of case ""
         tail_l = tail.lower()
         if sep and tail_l in SEG_NAMES:
             groups.setdefault(head, {}).setdefault("seg", f)
@@ -174,7 +214,7 @@ def _from_png_folder(folder: Path) -> list[Case]:
     """MVTec-style type folder: every PNG is a case; masks in ../ground_truth/<type>/<stem>_mask.png."""
     truth_dir = folder.parent.parent / "ground_truth" / folder.name
     cases = []
-    for f in sorted(p for p in folder.iterdir() if p.is_file() and is_png(p) and not p.name.startswith(".")):
+    for f in (p for p in _entries(folder) if p.is_file() and is_png(p)):
         images = {"gray": ImageRef(f), "r": ImageRef(f, 0), "g": ImageRef(f, 1), "b": ImageRef(f, 2)}
         mask = truth_dir / f"{f.stem}_mask.png"
         cases.append(Case(f"{folder.name}_{f.stem}", images, mask if mask.is_file() else None, None, folder,
@@ -184,14 +224,13 @@ def _from_png_folder(folder: Path) -> list[Case]:
 
 def _from_datalist(path: Path, split: str) -> list[Case]:
     try:
-        spec = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InputError(path, f"datalist is not valid JSON ({exc})") from None
     if not isinstance(spec, dict) or not isinstance(spec.get(split), list):
         keys = ", ".join(k for k, v in spec.items() if isinstance(v, list)) if isinstance(spec, dict) else ""
         raise InputError(path, f"datalist has no list {split!r} (lists found: {keys or 'none'})")
-    names = [canonical_modality(v) for _, v in sorted((spec.get("modality") or {}).items(),
-                                                       key=lambda kv: int(kv[0]))]
+    names = _modality_names(path, spec.get("modality"))
     base = path.parent
     cases = []
     for i, entry in enumerate(spec[split]):
@@ -201,23 +240,55 @@ def _from_datalist(path: Path, split: str) -> list[Case]:
             raise InputError(path, f"entry {i} of {split!r} has no 'image'")
         image = entry["image"]
         if isinstance(image, list):
+            if not image or not all(_is_path(p) for p in image):
+                raise InputError(path, f"entry {i} of {split!r}: 'image' must be a path or a non-empty list of paths")
             if names and len(names) != len(image):
                 raise InputError(path, f"entry {i}: {len(image)} images but {len(names)} modalities named")
             keys = names or ([UNNAMED] if len(image) == 1 else [str(k) for k in range(len(image))])
             images = {k: ImageRef(_resolve(base, p)) for k, p in zip(keys, image)}
+        elif not _is_path(image):
+            raise InputError(path, f"entry {i} of {split!r}: 'image' must be a path or a non-empty list of paths")
         elif names and len(names) > 1:
             images = {k: ImageRef(_resolve(base, image), channel=c) for c, k in enumerate(names)}
         else:
             images = {names[0] if names else UNNAMED: ImageRef(_resolve(base, image))}
+        files = {}
+        for key in ("label", "seg", "mask"):
+            value = entry.get(key)
+            if value is not None and value != "" and not _is_path(value):
+                raise InputError(path, f"entry {i} of {split!r}: {key!r} must be a path, got {value!r}")
+            files[key] = _resolve(base, value) if value else None
         first = next(iter(images.values())).path
-        case_id = str(entry.get("id") or nifti_stem(first))
-        seg = entry.get("label") or entry.get("seg")
-        mask = entry.get("mask")
-        cases.append(Case(case_id, images, _resolve(base, seg) if seg else None,
-                          _resolve(base, mask) if mask else None, path))
+        case_id = entry.get("id")
+        if case_id is not None and not isinstance(case_id, (str, int)):
+            raise InputError(path, f"entry {i} of {split!r}: 'id' must be a string, got {case_id!r}")
+        case_id = str(case_id) if case_id not in (None, "") else nifti_stem(first)
+        cases.append(Case(case_id, images, files["label"] or files["seg"], files["mask"], path))
     if not cases:
         raise InputError(path, f"datalist split {split!r} is empty")
     return cases
+
+
+def _is_path(value) -> bool:
+    return isinstance(value, str) and bool(value.strip()) and "\0" not in value
+
+
+def _modality_names(path: Path, modality) -> list[str]:
+    """The datalist's {"0": "FLAIR", "1": "T2"} map as a list of canonical names, by channel."""
+    if modality in (None, {}, []):
+        return []
+    if not isinstance(modality, dict):
+        raise InputError(path, f"datalist 'modality' must be a map {{\"0\": \"FLAIR\", ...}}, got {modality!r}")
+    try:
+        channels = sorted((int(k), v) for k, v in modality.items())
+    except (TypeError, ValueError):
+        raise InputError(path, f"datalist 'modality' keys must be channel numbers, got {list(modality)}") from None
+    if [c for c, _ in channels] != list(range(len(channels))) or not all(_is_path(v) for _, v in channels):
+        raise InputError(path, f"datalist 'modality' must map channels 0..N-1 to names, got {modality!r}")
+    names = [canonical_modality(v) for _, v in channels]
+    if len(set(names)) != len(names):
+        raise InputError(path, f"datalist 'modality' names a modality twice: {modality!r}")
+    return names
 
 
 def _resolve(base: Path, p: str) -> Path:

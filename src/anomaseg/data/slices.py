@@ -8,8 +8,10 @@ box of the volume's brain mask (`crop_to_brain`, plus 2 voxels; the same box for
 volume, so the brain fills the model's input whatever the field of view), zero-padded to a square
 (never stretched) and resized to `image_size`. Slices whose brain area is below `min_brain_fraction` of the
 volume's largest axial brain area are outside the model's domain: not trained on, and scored with
-the lowest value of the case. Preprocessed cases are cached on disk, keyed by the files' paths,
-sizes and modification times and by the preprocessing settings.
+the lowest value of the case. The brain mask is the case's mask file, or without one the rule of
+`brain_mask` (`anomaseg.data.brainmask`). Preprocessed cases are cached on disk, keyed by the
+files' resolved paths, sizes and modification times and by the preprocessing settings; nothing
+cached depends on the working directory.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,11 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from anomaseg.atomic import atomic_path
+from anomaseg.data import brainmask
 from anomaseg.data.io import Volume, check_same_grid, load_volume
 from anomaseg.data.layout import Case
-from anomaseg.errors import InputError
+from anomaseg.errors import InputError, InputWarning
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: labels >= 0.5, brain_mask rule, no paths stored
+MAX_IMAGE_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -42,16 +47,26 @@ class SliceSpec:
     clip_max: float = 2.0
     min_brain_fraction: float = 0.25
     crop_to_brain: bool = True
+    brain_mask: str = "auto"  # without a mask file: see anomaseg.data.brainmask.BRAIN_MASK_RULES
 
     def __post_init__(self):
         size = self.image_size
-        if size < 32 or size & (size - 1):
-            raise ValueError(f"image_size must be a power of two >= 32, got {size}")
-        if not self.modalities:
-            raise ValueError("at least one modality is needed")
+        if size < 32 or size > MAX_IMAGE_SIZE or size & (size - 1):
+            raise ValueError(f"image_size must be a power of two from 32 to {MAX_IMAGE_SIZE}, got {size}")
+        if not self.modalities or not all(isinstance(m, str) and m.strip() for m in self.modalities):
+            raise ValueError(f"modalities must be one or more names, got {list(self.modalities)}")
+        if len(self.percentiles) != 2:
+            raise ValueError(f"percentiles must be two numbers (low, high), got {list(self.percentiles)}")
         lo, hi = self.percentiles
         if not 0 <= lo < hi <= 100:
             raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}")
+        if not (np.isfinite(self.clip_max) and self.clip_max > 0):
+            raise ValueError(f"clip_max must be a positive number, got {self.clip_max}")
+        if not 0 <= self.min_brain_fraction <= 1:
+            raise ValueError(f"min_brain_fraction must be in [0, 1], got {self.min_brain_fraction}")
+        if self.brain_mask not in brainmask.BRAIN_MASK_RULES:
+            raise ValueError(f"brain_mask must be one of {', '.join(brainmask.BRAIN_MASK_RULES)}, "
+                             f"got {self.brain_mask!r}")
 
 
 @dataclass(frozen=True)
@@ -151,6 +166,12 @@ def normalise(data: np.ndarray, brain: np.ndarray, spec: SliceSpec) -> np.ndarra
 
 def load_case_volumes(case: Case, spec: SliceSpec) -> tuple[list[Volume], np.ndarray, np.ndarray | None]:
     """Read and check a case's images, brain mask and segmentation (RAS+)."""
+    return load_case_with_mask_source(case, spec)[:3]
+
+
+def load_case_with_mask_source(case: Case, spec: SliceSpec) -> tuple[list[Volume], np.ndarray, np.ndarray | None, str]:
+    """`load_case_volumes` and where the brain mask came from: "file", "nonzero", "derived" (see
+    `anomaseg.data.brainmask`) or "image" (2D pictures: every pixel)."""
     vols = []
     for m in spec.modalities:
         ref = case.image(m)
@@ -158,22 +179,16 @@ def load_case_volumes(case: Case, spec: SliceSpec) -> tuple[list[Volume], np.nda
     first = vols[0]
     for v in vols[1:]:
         check_same_grid(first, v, "image")
-    if case.mask is not None:
-        mask_vol = load_volume(case.mask, kind="mask")
-        check_same_grid(first, mask_vol, "brain mask")
-        brain = mask_vol.data > 0
-        where = case.mask
-    elif first.format == "png":  # a 2D image: every pixel is in the domain (no background to strip)
-        brain = np.ones(first.shape, bool)
-        where = first.path
-    else:
-        brain = np.zeros(first.shape, bool)
-        for v in vols:
-            brain |= v.data != 0
-        where = first.path
-    if not brain.any():
-        raise InputError(where, "brain mask is empty" if case.mask is not None
-                         else "image is all zeros: no brain voxels (and no <case>_mask file)")
+    for v in vols:
+        lo, hi = float(v.data.min()), float(v.data.max())
+        if hi <= lo:
+            raise InputError(v.path, "image is all zeros" if hi == 0 else f"image is constant ({lo:g}): nothing to analyse")
+    brain, source = _brain_mask(case, vols, spec)
+    for v in vols:
+        inside = v.data[brain]
+        lo, hi = float(inside.min()), float(inside.max())
+        if hi <= lo:
+            raise InputError(v.path, f"image is constant ({lo:g}) inside the brain mask: nothing to analyse")
     truth = None
     if case.seg is not None:
         seg_vol = load_volume(case.seg, kind="segmentation")
@@ -181,11 +196,47 @@ def load_case_volumes(case: Case, spec: SliceSpec) -> tuple[list[Volume], np.nda
         truth = seg_vol.data > 0
     elif case.normal:
         truth = np.zeros(first.shape, bool)
-    return vols, brain, truth
+    return vols, brain, truth, source
+
+
+def _brain_mask(case: Case, vols: list[Volume], spec: SliceSpec) -> tuple[np.ndarray, str]:
+    first = vols[0]
+    if case.mask is not None:
+        mask_vol = load_volume(case.mask, kind="mask")
+        check_same_grid(first, mask_vol, "brain mask")
+        brain = mask_vol.data > 0
+        if not brain.any():
+            raise InputError(case.mask, "brain mask is empty")
+        return brain, "file"
+    if first.format == "png":  # a 2D image: every pixel is in the domain (no background to strip)
+        return np.ones(first.shape, bool), "image"
+    if spec.brain_mask == "file":
+        raise InputError(case.source or first.path, f"case {case.case_id!r} has no brain mask file "
+                                                    "(<case>_mask.nii.gz), and data.brain_mask is 'file'")
+    images = [v.data for v in vols]
+    foreground = brainmask.nonzero(images)
+    if not foreground.any():
+        raise InputError(first.path, "image is all zeros: no brain voxels (and no <case>_mask file)")
+    if spec.brain_mask == "nonzero" or (spec.brain_mask == "auto" and brainmask.background_is_empty(foreground)):
+        return foreground, "nonzero"
+    derived = brainmask.derive_head_mask(images)
+    if not brainmask.plausible(derived):
+        raise InputError(first.path, f"no brain mask file, the image's background is not empty "
+                                     f"({brainmask.border_fraction(foreground):.0%} of the volume's border is nonzero) "
+                                     f"and no head could be told from the background (the derived mask covers "
+                                     f"{derived.mean():.1%} of the volume): pass <case>_mask.nii.gz or run "
+                                     "`anomaseg preprocess`")
+    return derived, "derived"
+
+
+DERIVED_MASK_WARNING = ("cases without a brain mask file whose background is not empty (noise, or a head "
+                        "that is not skull-stripped): their brain mask is derived from the images (Otsu "
+                        "threshold, largest component, holes filled; it covers the head when the skull is "
+                        "there). For brain-only results pass <case>_mask.nii.gz files or run `anomaseg preprocess`")
 
 
 def prepare_case(case: Case, spec: SliceSpec) -> PreparedCase:
-    vols, brain, truth = load_case_volumes(case, spec)
+    vols, brain, truth, mask_source = load_case_with_mask_source(case, spec)
     geometry = SliceGeometry.for_shape(vols[0].shape, spec.image_size, brain if spec.crop_to_brain else None)
     stack = np.stack([normalise(v.data, brain, spec) for v in vols])
     images = geometry.to_slices(stack).to(torch.float16).numpy()
@@ -194,7 +245,7 @@ def prepare_case(case: Case, spec: SliceSpec) -> PreparedCase:
     area = brain.sum(axis=(0, 1))
     keep = area >= spec.min_brain_fraction * area.max()
     return PreparedCase(case.case_id, images, masks, labels, keep, geometry, brain, truth, vols[0].path,
-                        {"spacing": vols[0].spacing})
+                        {"spacing": vols[0].spacing, "brain_mask": mask_source})
 
 
 class CaseCache:
@@ -229,7 +280,7 @@ class CaseCache:
             raise InputError(case.source or case.case_id, f"cannot read case files ({exc})") from None
         if path.exists():
             try:
-                return _read_prepared(path, case)
+                return _read_prepared(path, case, spec)
             except (OSError, ValueError, KeyError, EOFError):
                 path.unlink(missing_ok=True)  # a damaged cache entry is rebuilt, never trusted
         prepared = prepare_case(case, spec)
@@ -241,16 +292,16 @@ class CaseCache:
 
 
 def _write_prepared(path: Path, p: PreparedCase) -> None:
+    # no paths: the same entry serves the case whatever the working directory or the path's spelling
     arrays = dict(images=p.images, masks=p.masks, keep=p.keep, brain=np.packbits(p.brain),
-                  geometry=np.array(json.dumps(asdict(p.geometry))), meta=np.array(json.dumps(p.meta)),
-                  reference=np.array(str(p.reference)))
+                  geometry=np.array(json.dumps(asdict(p.geometry))), meta=np.array(json.dumps(p.meta)))
     if p.labels is not None:
         arrays.update(labels=p.labels, truth=np.packbits(p.truth))
     with atomic_path(path, suffix=".npz") as tmp:
         np.savez(tmp, **arrays)
 
 
-def _read_prepared(path: Path, case: Case) -> PreparedCase:
+def _read_prepared(path: Path, case: Case, spec: SliceSpec) -> PreparedCase:
     with np.load(path) as z:
         g = json.loads(str(z["geometry"]))
         crop = None if g.get("crop") is None else tuple(tuple(b) for b in g["crop"])
@@ -260,7 +311,7 @@ def _read_prepared(path: Path, case: Case) -> PreparedCase:
         has_labels = "labels" in z.files
         return PreparedCase(case.case_id, z["images"], z["masks"], z["labels"] if has_labels else None,
                             z["keep"], geometry, unpack(z["brain"]),
-                            unpack(z["truth"]) if has_labels else None, Path(str(z["reference"])),
+                            unpack(z["truth"]) if has_labels else None, case.image(spec.modalities[0]).path,
                             json.loads(str(z["meta"])))
 
 
@@ -270,7 +321,10 @@ def prepare_cases(cases: list[Case], spec: SliceSpec, cache: CaseCache | None = 
 
     cache = cache or CaseCache(None)
     with tqdm(cases, desc=desc, unit="case", disable=not progress, leave=False) as bar:
-        return [cache.get(c, spec) for c in bar]
+        prepared = [cache.get(c, spec) for c in bar]
+    if any(p.meta.get("brain_mask") == "derived" for p in prepared):
+        warnings.warn(DERIVED_MASK_WARNING, InputWarning, stacklevel=2)
+    return prepared
 
 
 def training_slices(cases: list[PreparedCase]) -> torch.Tensor:
