@@ -70,3 +70,23 @@ def tiny_train_args(data, out, epochs: int = 2, *extra: str) -> list[str]:
     """CLI arguments of a tiny, fast training run (32 px)."""
     return ["train", "--data", str(data), "--out", str(out), "--epochs", str(epochs), "--image-size", "32",
             "--batch-size", "16", "--set", TINY_MODEL, "--set", "train.lr=2e-3", *extra]
+
+
+@pytest.fixture(scope="session")
+def shared_run(tmp_path_factory) -> Path:
+    """A tiny trained run, trained once per test session and only read by the tests that use it
+    (tests that change a run copy it first). Trained from another working directory with a relative
+    --data, so its run folder must not depend on the working directory. Its own cache folder."""
+    import os
+
+    from anomaseg.cli import main
+
+    root = tmp_path_factory.mktemp("shared_run")
+    write_dataset(root / "data" / "healthy", 6, lesioned=False, seed=1)
+    cwd = os.getcwd()
+    os.chdir(root / "data")
+    try:
+        assert main(tiny_train_args("healthy", root / "run", 4, "--set", f"data.cache_dir={root / 'cache'}")) == 0
+    finally:
+        os.chdir(cwd)
+    return root / "run"

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import warnings
 from pathlib import Path
 
-from anomaseg.errors import InputError
+from anomaseg.errors import InputError, InputWarning
 from anomaseg.parallel import WorkerError
 
 
@@ -59,18 +62,31 @@ def cmd_train(args) -> int:
     overrides = _overrides(args)
     if args.resume and RunPaths(Path(args.out)).config.exists():
         config = cfg.resolve(RunPaths(Path(args.out)).config)
+        if args.epochs is not None and args.epochs < 1:
+            raise InputError(None, f"--epochs must be >= 1, got {args.epochs}")
     else:
         if not args.data:
             raise InputError(None, "--data is required (a folder of healthy cases or a datalist .json)")
         config = cfg.resolve(args.config, overrides)
     if args.data:
         config.train_dir = str(Path(args.data).resolve())
+    cfg.check_model_and_predictor(config)
+    _check_precision(config.train.precision)
     summary = train(config, args.out, resume=args.resume, epochs=args.epochs if args.resume else None)
     scorer = calibrate(args.out, force=True)
     print(f"trained {config.model.name}: best validation loss {summary['best_val_loss']:.4g}; "
           f"{scorer.predictor.name} threshold {scorer.post.threshold_:.4g} "
           f"(flags {config.score.healthy_fpr:.2%} of held-out healthy brain voxels); run in {args.out}")
     return 0
+
+
+def _check_precision(precision: str) -> None:
+    from anomaseg.runtime import fabric_precision
+
+    try:
+        fabric_precision(precision)
+    except ValueError as exc:
+        raise InputError(None, f"--precision: {exc}") from None
 
 
 def _predictor_params(args) -> dict:
@@ -238,12 +254,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    if issubclass(category, InputWarning):
+        print(f"anomaseg: warning: {message}", file=sys.stderr)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+
+# Commands that write one output (a folder, or the run folder for train): they hold its lock from
+# start to end, so a second command on the same --out stops at once rather than after its work.
+LOCKED_COMMANDS = ("train", "score", "evaluate")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from anomaseg.atomic import output_lock
+
     args = build_parser().parse_args(argv)
+    lock = output_lock(args.out) if args.command in LOCKED_COMMANDS else contextlib.nullcontext()
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            warnings.simplefilter("default", InputWarning)
+            with lock:
+                return args.func(args)
     except InputError as exc:
-        print(f"anomaseg: error: {exc}", file=sys.stderr)
+        print(f"anomaseg: error: {_one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the environment: a full disk, a read-only folder, a file in the way
+        if os.environ.get("ANOMASEG_DEBUG"):
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"anomaseg: error: {where}{_one_line(exc.strerror or str(exc))} (outputs are written whole or "
+              "not at all: nothing was left half-written)", file=sys.stderr)
         return 2
     except WorkerError as exc:
         print(f"anomaseg: error: {exc}", file=sys.stderr)
@@ -251,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("anomaseg: interrupted (a training run continues with --resume)", file=sys.stderr)
         return 130
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -61,7 +61,12 @@ def load_run_config(run_dir: str | Path) -> cfg.RunConfig:
         raise InputError(paths.root, "run folder not found")
     if not paths.config.is_file():
         raise InputError(paths.root, "not a run folder (no config.yaml): train one with `anomaseg train`")
-    return cfg.RunConfig.from_dict(cfg.load_yaml(paths.config), paths.config)
+    try:
+        return cfg.RunConfig.from_dict(cfg.load_yaml(paths.config), paths.config)
+    except InputError as exc:
+        if "unknown config key" not in exc.problem:
+            raise
+        raise InputError(paths.config, f"{exc.problem} (run folder written by another version of anomaseg?)") from None
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -96,7 +101,12 @@ def checkpoint_stamp(run_dir: str | Path) -> str:
 def load_model(run_dir: str | Path) -> tuple[torch.nn.Module, cfg.RunConfig]:
     """The trained model of a run (eval mode, on the CPU) and the run's configuration."""
     config = load_run_config(run_dir)
-    model = model_from_checkpoint(load_checkpoint(scoring_checkpoint(run_dir)))
+    path = scoring_checkpoint(run_dir)
+    try:
+        model = model_from_checkpoint(load_checkpoint(path))
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # unknown model, parameters or weights
+        raise InputError(path, "checkpoint does not fit this version of anomaseg's models (written by another "
+                               f"version?): {' '.join(str(exc).split())[:300]}") from None
     return model.eval(), config
 
 
@@ -104,4 +114,10 @@ def load_split(run_dir: str | Path) -> dict:
     path = RunPaths(Path(run_dir)).split
     if not path.is_file():
         raise InputError(path, "run has no split.json")
-    return json.loads(path.read_text())
+    try:
+        split = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(path, f"split file is damaged ({exc})") from None
+    if not (isinstance(split, dict) and all(isinstance(split.get(k), list) for k in ("train", "val"))):
+        raise InputError(path, "split file has no 'train' and 'val' lists (another version of anomaseg?)")
+    return split

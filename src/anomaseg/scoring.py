@@ -138,7 +138,7 @@ def calibrate(run_dir: str | Path, predictor: str | None = None, params: dict | 
     params = dict(config.score.predictor_params if predictor is None else (params or {}))
     key = predictor_key(name, params)
     paths = RunPaths(Path(run_dir))
-    store = json.loads(paths.calibration.read_text()) if paths.calibration.exists() else {}
+    store = read_calibration(paths.calibration)
     post_settings = make_postprocessor(config.score)
     pred = create_predictor(name, **params).set_modalities(config.data.modalities)
     if not pred.supports(model):
@@ -149,15 +149,23 @@ def calibrate(run_dir: str | Path, predictor: str | None = None, params: dict | 
     entry = store.get(key)
     stamp = checkpoint_stamp(run_dir)
     if entry and not force and entry.get("postprocess") == vars_of(post_settings) and entry.get("checkpoint") == stamp:
-        pred.load_fitted_state(entry["predictor_state"])
-        scorer.post.threshold_ = entry["threshold"]
-        return scorer
+        try:  # an entry of another anomaseg version may not load: it is then fitted again
+            pred.load_fitted_state(entry["predictor_state"])
+            scorer.post.threshold_ = float(entry["threshold"])
+            return scorer
+        except (KeyError, TypeError, ValueError, AttributeError):
+            pred = create_predictor(name, **params)
+            scorer.predictor = pred
 
     split = load_split(run_dir)
     ids = split["val"] or split["train"]
     if not split["val"]:
         print("warning: the run held out no healthy cases; calibrating on training cases (threshold biased low)")
-    cases = [c for c in find_cases(config.train_dir, config.data.modalities) if c.case_id in set(ids)]
+    try:
+        cases = [c for c in find_cases(config.train_dir, config.data.modalities) if c.case_id in set(ids)]
+    except InputError as exc:
+        raise InputError(paths.calibration, f"has no calibration of {key} for this checkpoint, and it cannot be "
+                                            f"fitted: the run's healthy training data is unusable ({exc})") from None
     prepared = prepare_cases(cases, config.data.slice_spec(), cache_for(config), progress, "preparing calibration cases")
     scorer.fit(prepared, progress)
     store[key] = {"predictor": name, "params": params, "checkpoint": stamp, "predictor_state": pred.fitted_state(),
@@ -166,6 +174,21 @@ def calibrate(run_dir: str | Path, predictor: str | None = None, params: dict | 
                   "n_calibration_voxels": scorer.post.n_calibration_voxels_}
     write_text(paths.calibration, json.dumps(store, indent=1))
     return scorer
+
+
+def read_calibration(path: Path) -> dict:
+    """RUN/calibration.json ({} when absent). A damaged file is an error, never silently replaced."""
+    if not path.exists():
+        return {}
+    try:
+        store = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(path, f"calibration file is damaged ({exc}); delete it and it is fitted again on the "
+                               "run's held-out healthy cases") from None
+    if not isinstance(store, dict) or not all(isinstance(v, dict) for v in store.values()):
+        raise InputError(path, "calibration file is not a map of predictor entries (another version of anomaseg?); "
+                               "delete it and it is fitted again on the run's held-out healthy cases")
+    return store
 
 
 def vars_of(post: PostProcessor) -> dict:
@@ -188,7 +211,9 @@ def resolve_predictors(run_dir: str | Path, names: str | None) -> list[str]:
 
 # --------------------------------------------------------------------------- outputs
 def _check_output_dir(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / OUTPUT_MARKER).exists())):
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "output exists and is a file, not a folder; choose another --out")
+    if out.exists() and any(out.iterdir()) and not (out / OUTPUT_MARKER).exists():
         raise InputError(out, "output folder exists and was not written by anomaseg; choose another --out")
 
 

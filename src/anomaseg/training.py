@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from anomaseg import config as cfg
-from anomaseg.atomic import atomic_path, write_text
+from anomaseg.atomic import atomic_path, output_lock, write_text
 from anomaseg.compilation import StepCompiler
 from anomaseg.data.layout import find_cases
 from anomaseg.data.slices import CaseCache, prepare_cases, training_slices
@@ -283,5 +283,10 @@ def train(config: cfg.RunConfig, run_dir: str | Path, resume: bool = False, prog
     if resume and RunPaths(Path(run_dir)).config.exists():
         config = load_run_config(run_dir)
     if epochs is not None:
+        if epochs < 1:
+            raise InputError(None, f"epochs must be >= 1, got {epochs}")
         config.train.epochs = epochs
-    return Trainer(config, run_dir, progress=progress).fit(resume=resume)
+    if config.train_dir:  # the run folder must not depend on the working directory
+        config.train_dir = str(Path(config.train_dir).absolute())
+    with output_lock(run_dir):
+        return Trainer(config, run_dir, progress=progress).fit(resume=resume)

@@ -199,7 +199,7 @@ def _check_header(path: Path, img, kind: str, channel: int | None) -> tuple[int,
     n_voxels = int(np.prod(shape, dtype=np.float64))
     nbytes = n_voxels * dtype.itemsize
     size = path.stat().st_size
-    offset = int(header.get_data_offset())
+    offset = int(getattr(img.dataobj, "offset", header.get_data_offset()))  # the loaded header says 0
     claim = f"its header claims {'x'.join(map(str, shape))} voxels of {dtype} ({nbytes:,} bytes)"
     if str(path).lower().endswith(".gz"):
         if nbytes > GZIP_MAX_RATIO * size:
@@ -215,14 +215,21 @@ def _check_header(path: Path, img, kind: str, channel: int | None) -> tuple[int,
     return shape
 
 
+def _stored_pixdim(path: Path, header_class) -> np.ndarray:
+    """The voxel sizes as the file stores them (nibabel's loaded header has zeros replaced by 1)."""
+    opener = gzip.open if str(path).lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
+        header = header_class.from_fileobj(f, check=False)
+    return np.asarray(header["pixdim"][1:4], dtype=np.float64)
+
+
 def _check_affine(path: Path, img, kind: str) -> None:
     """A usable voxel-to-world transform: finite, nonzero voxel size, axes independent."""
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.isfinite(affine).all():
         raise InputError(path, f"{kind}'s affine (voxel-to-world transform, sform/qform) contains NaN or Inf")
-    header = img.header
-    if int(header["sform_code"]) == 0:  # the affine comes from qform or pixdim, which nibabel repairs
-        pixdim = np.asarray(header["pixdim"][1:4], dtype=np.float64)
+    if int(img.header["sform_code"]) == 0:  # the affine comes from qform or pixdim, which nibabel repairs
+        pixdim = _stored_pixdim(path, type(img.header))
         if not (np.isfinite(pixdim).all() and (pixdim != 0).all()):
             raise InputError(path, f"{kind}'s voxel size (pixdim) is {pixdim.tolist()}: zero or NaN "
                                    "(nibabel would assume 1 mm); fix the header")

@@ -220,11 +220,10 @@ def _brain_mask(case: Case, vols: list[Volume], spec: SliceSpec) -> tuple[np.nda
     if spec.brain_mask == "nonzero" or (spec.brain_mask == "auto" and brainmask.background_is_empty(foreground)):
         return foreground, "nonzero"
     derived = brainmask.derive_head_mask(images)
-    if not brainmask.plausible(derived):
+    if derived is None:
         raise InputError(first.path, f"no brain mask file, the image's background is not empty "
                                      f"({brainmask.border_fraction(foreground):.0%} of the volume's border is nonzero) "
-                                     f"and no head could be told from the background (the derived mask covers "
-                                     f"{derived.mean():.1%} of the volume): pass <case>_mask.nii.gz or run "
+                                     "and no head stands out from it: pass <case>_mask.nii.gz or run "
                                      "`anomaseg preprocess`")
     return derived, "derived"
 
