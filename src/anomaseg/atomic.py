@@ -95,7 +95,13 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         with _naming(path):
             tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         try:
-            yield tmp
+            try:
+                yield tmp
+            except OSError as exc:  # name the file as it will be called, not its temporary folder
+                if exc.filename is None or tmp not in Path(exc.filename).parents:
+                    raise
+                final = path / Path(exc.filename).relative_to(tmp)
+                raise OSError(exc.errno, exc.strerror or str(exc), str(final)) from exc
             with _naming(path):
                 os.chmod(tmp, 0o777 & ~_umask())
                 if path.exists():

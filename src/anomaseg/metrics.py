@@ -220,7 +220,8 @@ class VoxelMetrics:
         raw = np.where(nonneg, position - half, size - 1 - position).astype(np.uint64)
         low_mask = np.uint64((1 << shift) - 1)
         bits = np.where(nonneg, (raw << np.uint64(shift)) | low_mask, raw << np.uint64(shift))
-        val = bits.astype(np.uint32).view(np.float32).astype(np.float64)
+        with np.errstate(invalid="ignore"):  # NaN patterns (signalling ones warn when widened)
+            val = bits.astype(np.uint32).view(np.float32).astype(np.float64)
         # only the +/-inf bins hold NaN patterns next to a real value; NaN-only bins are never used
         return np.where(np.isnan(val), np.where(nonneg, np.inf, -np.inf), val)
 
@@ -285,9 +286,14 @@ class VoxelMetrics:
         if n_pos > 0:
             out["pixel_auprc"] = float(np.sum(p_bin * (tps / (tps + fps))) / n_pos)
             dice = 2.0 * tps / (tps + fps + n_pos)
+            if positions[-1] == self._position_of(-math.inf):
+                dice[-1] = -1.0  # no threshold t selects -inf scores (score > t): that point is unreachable
             k = int(np.argmax(dice))  # first maximum = highest threshold
-            out["dice_best"] = float(dice[k])
-            out["dice_best_threshold"] = float(self._max_value(positions[k] - 1))
+            if dice[k] < 0:  # every score is -inf: the only reachable prediction is nothing
+                out["dice_best"], out["dice_best_threshold"] = 0.0, -math.inf
+            else:
+                out["dice_best"] = float(dice[k])
+                out["dice_best_threshold"] = float(self._max_value(positions[k] - 1))
         else:
             # predicting nothing (threshold = the highest score's bin) gives Dice 1 on empty truth
             out["dice_best"] = 1.0
