@@ -46,7 +46,7 @@ TRAIN_OPTIONS = {
     "epochs_0": (["--epochs", "0"], "epochs must be >= 1, got 0"),
     "epochs_negative": (["--epochs", "-3"], "epochs must be >= 1, got -3"),
     "batch_size_0": (["--batch-size", "0"], "batch_size must be >= 1"),
-    "lr_nan": (["--lr", "nan"], "lr must be a positive number"),
+    "lr_nan": (["--set", "train.lr=nan"], "lr must be a positive number"),
     "unknown_model": (["--model", "resnet9000"], "unknown model 'resnet9000'; registered: anovaegan"),
     "unknown_model_param": (["--set", "model.params.bogus=1"], "unexpected keyword argument 'bogus'"),
     "unknown_predictor": (["--set", "score.predictor=nope"], "unknown predictor 'nope'"),
@@ -99,7 +99,7 @@ def test_bad_scoring_options(shared_run, lesioned_dir, tmp_path, capsys):
         _fails(capsys, [command, "--run", run, "--data", str(tmp_path / "nodata"), "--out", out], "dataset path not found")
     _fails(capsys, ["evaluate", "--run", run, "--data", data, "--out", str(tmp_path / "e"), "--predictor", "residual,nope"],
            "unknown predictor 'nope'")
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lesioned"]
     assert tree(shared_run) == before
 
 
@@ -114,13 +114,14 @@ def test_resume_with_zero_epochs_changes_nothing(shared_run, tmp_path, capsys):
 def test_out_inside_a_file(shared_run, healthy_dir, lesioned_dir, tmp_path, capsys):
     blocker = tmp_path / "notes.txt"
     blocker.write_text("precious")
+    before = sorted(tmp_path.iterdir())
     for argv in (tiny_train_args(healthy_dir, blocker / "run", 1),
                  ["score", "--run", str(shared_run), "--data", str(lesioned_dir), "--out", str(blocker / "maps")],
                  ["evaluate", "--run", str(shared_run), "--data", str(lesioned_dir), "--out", str(blocker / "a" / "b")]):
         _fails(capsys, argv, f"{blocker}: is a file, so")
     _fails(capsys, ["score", "--run", str(shared_run), "--data", str(lesioned_dir), "--out", str(blocker)],
            "notes.txt: output exists and is a file, not a folder")
-    assert blocker.read_text() == "precious" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert blocker.read_text() == "precious" and sorted(tmp_path.iterdir()) == before
 
 
 def test_read_only_output_folder(shared_run, lesioned_dir, tmp_path, capsys, monkeypatch):
@@ -179,7 +180,7 @@ def test_full_disk_while_scoring_keeps_the_previous_output(shared_run, lesioned_
                   "No space left on device")
     assert line.startswith(f"anomaseg: error: {out / 'les01_segmentation.nii.gz'}: ")  # the final name, not a temporary one
     assert tree(out) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["maps"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lesioned", "maps"]
 
 
 def test_full_disk_while_evaluating(shared_run, lesioned_dir, tmp_path, capsys, monkeypatch):
@@ -197,7 +198,7 @@ def test_full_disk_while_evaluating(shared_run, lesioned_dir, tmp_path, capsys, 
     line = _fails(capsys, ["evaluate", "--run", str(shared_run), "--data", str(lesioned_dir), "--out", str(out)],
                   "No space left on device")
     assert f"{out / 'report.html'}: " in line
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lesioned"]
 
 
 @pytest.mark.slow
@@ -236,7 +237,7 @@ def test_two_commands_on_one_output(shared_run, lesioned_dir, healthy_dir, tmp_p
         holder.kill()
         holder.wait()
     assert main(["score", "--run", str(shared_run), "--data", str(lesioned_dir), "--out", str(out)]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["maps"]  # no lock file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["healthy", "lesioned", "maps"]  # no lock file left
 
 
 def test_run_folder_of_another_version(shared_run, lesioned_dir, tmp_path, capsys):

@@ -140,7 +140,7 @@ def calibrate(run_dir: str | Path, predictor: str | None = None, params: dict | 
     paths = RunPaths(Path(run_dir))
     store = read_calibration(paths.calibration)
     post_settings = make_postprocessor(config.score)
-    pred = create_predictor(name, **params).set_modalities(config.data.modalities)
+    pred = _predictor(name, params, config)
     if not pred.supports(model):
         raise InputError(paths.root, f"predictor {name!r} needs a model with {', '.join(pred.requires)}; "
                                      f"{config.model.name} has not")
@@ -154,7 +154,7 @@ def calibrate(run_dir: str | Path, predictor: str | None = None, params: dict | 
             scorer.post.threshold_ = float(entry["threshold"])
             return scorer
         except (KeyError, TypeError, ValueError, AttributeError):
-            pred = create_predictor(name, **params)
+            pred = _predictor(name, params, config)
             scorer.predictor = pred
 
     split = load_split(run_dir)
@@ -174,6 +174,13 @@ def calibrate(run_dir: str | Path, predictor: str | None = None, params: dict | 
                   "n_calibration_voxels": scorer.post.n_calibration_voxels_}
     write_text(paths.calibration, json.dumps(store, indent=1))
     return scorer
+
+
+def _predictor(name: str, params: dict, config: cfg.RunConfig) -> Predictor:
+    try:
+        return create_predictor(name, **params).set_modalities(config.data.modalities)
+    except (KeyError, TypeError, ValueError) as exc:  # an unknown name or parameter
+        raise InputError(None, exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)) from None
 
 
 def read_calibration(path: Path) -> dict:
