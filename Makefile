@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_output
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test venv bench fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_metrics.py
 	$(PY) benchmarks/bench_predictors.py
 	$(PY) benchmarks/bench_demo.py
+
+# The long fuzzing run of the loaders and metrics (tests/test_fuzz.py with many random examples;
+# ~30-60 min on 2 cores at 2000 examples per property); result in benchmarks/results/fuzz.json.
+FUZZ_EXAMPLES ?= 2000
+fuzz: $(STAMP)
+	$(PY) benchmarks/fuzz.py --examples $(FUZZ_EXAMPLES)
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

@@ -174,3 +174,11 @@ def test_broken_symlinked_case_folder_is_named(tmp_path):
     os.symlink(tmp_path / "gone", tmp_path / "d" / "les01")
     with pytest.raises(InputError, match="les01: broken symbolic link"):
         find_cases(tmp_path / "d")
+
+
+def test_a_3d_file_cannot_serve_several_channels(tmp_path):
+    """A datalist naming two modalities for a 3D image used to get the same volume twice."""
+    _nifti(tmp_path / "a.nii.gz", np.ones((4, 5, 6), np.float32))
+    assert load_volume(tmp_path / "a.nii.gz", channel=0).shape == (4, 5, 6)
+    with pytest.raises(InputError, match="a.nii.gz: image holds one volume .*, channel 1 requested"):
+        load_volume(tmp_path / "a.nii.gz", channel=1)

@@ -71,7 +71,8 @@ class PredictorTally:
         auroc = case_metrics.compute()["pixel_auroc"]
         dice = dice_score(pred, gt)
         self.per_case.append({"case_id": case.case_id, "dice": dice, "pixel_auroc": auroc,
-                              "lesion_voxels": int(gt.sum()), "predicted_voxels": int(pred.sum())})
+                              "lesion_voxels": int(gt.sum()), "predicted_voxels": int(pred.sum()),
+                              "brain_mask": case.meta.get("brain_mask")})  # file / nonzero / derived (data/brainmask.py)
         self.views.append((dice, case.case_id, _display(case, smoothed, seg, model)))
         self._keep_extreme_views()
 
