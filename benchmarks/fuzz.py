@@ -36,7 +36,7 @@ def parse_statistics(text: str) -> dict:
         if head:
             current = stats.setdefault(head.group(1), {"passing": 0, "failing": 0, "invalid": 0})
             continue
-        counts = re.search(r"(\d+) passing examples?, (\d+) failing examples?, (\d+) invalid examples?", line)
+        counts = re.search(r"(\d+) passing(?: examples?)?, (\d+) failing(?: examples?)?,(?: and)? (\d+) invalid", line)
         if counts and current is not None:
             for key, value in zip(("passing", "failing", "invalid"), counts.groups()):
                 current[key] += int(value)
