@@ -8,7 +8,10 @@ Per predictor (all of them share one pass over the data: each case is read once)
   components removed), pooled over all test voxels; per case the same Dice in `per_case`;
 - `image_auroc`: slice level; an axial slice with brain is anomalous if it holds a label voxel, and
   its score is the predictor's `score` of the slice (by default the mean of the highest 1% of its
-  anomaly map inside the brain; Skip-GANomaly's own image score for that predictor).
+  anomaly map inside the brain; Skip-GANomaly's own image score for that predictor);
+- per-volume Dice and AUPRC (mean +- std over the cases with lesions), lesion-wise detection
+  (recall, precision, F1, false-positive lesions per case, recall by lesion size), absolute volume
+  difference, and a `per_lesion` table, from `lesion_metrics.LesionMetrics`.
 
 The intensity baseline (`predictors/intensity.py`) is evaluated in the same pass (unless
 `baseline=False`): every metrics.json holds its metrics under `baseline`, the relative gain of the
@@ -27,6 +30,7 @@ import numpy as np
 import torch
 
 from anomaseg.atomic import atomic_dir, write_text
+from anomaseg.lesion_metrics import LesionMetrics, case_lesions
 from anomaseg.data.io import load_volume, save_like
 from anomaseg.metrics import VoxelMetrics, binary_auprc, binary_auroc, dice_score
 from anomaseg.report import CaseOverlay, SideBySide, write_comparison_report, write_report
@@ -37,6 +41,7 @@ from anomaseg.scoring import OUTPUT_MARKER, ScorerSource, _check_output_dir, _pr
 BASELINE = "intensity"  # the predictor every evaluation is compared with
 N_OVERLAYS = 2  # best and worst cases shown in the report
 N_SIDE_BY_SIDE = 3  # cases (largest lesions) shown with every predictor's map in the comparison report
+TABLE_KEYS = ("per_case", "per_lesion")  # long lists, kept out of summaries
 SUMMARY_KEYS = ["pixel_auroc", "pixel_auprc", "dice_best", "dice_at_threshold", "image_auroc"]
 
 
@@ -56,6 +61,7 @@ class PredictorTally:
     slices: dict = field(default_factory=dict)  # case id -> (slice scores, slice labels)
     per_case: list = field(default_factory=list)
     views: list = field(default_factory=list)  # (dice, case_id, display arrays) for the report
+    lesions: LesionMetrics = field(default_factory=LesionMetrics)
 
     def add(self, case, smoothed: np.ndarray, scores: np.ndarray, seg: np.ndarray, model) -> None:
         brain, truth = case.brain, case.truth
@@ -68,11 +74,16 @@ class PredictorTally:
         self.slices[case.case_id] = (scores[zs], truth.any(axis=(0, 1))[zs])
         case_metrics = VoxelMetrics(bits=16)
         case_metrics.update(smoothed[brain], gt)
-        auroc = case_metrics.compute()["pixel_auroc"]
+        case_voxels = case_metrics.compute()
+        auroc = case_voxels["pixel_auroc"]
         dice = dice_score(pred, gt)
-        self.per_case.append({"case_id": case.case_id, "dice": dice, "pixel_auroc": auroc,
-                              "lesion_voxels": int(gt.sum()), "predicted_voxels": int(pred.sum()),
-                              "brain_mask": case.meta.get("brain_mask")})  # file / nonzero / derived (data/brainmask.py)
+        row = {"case_id": case.case_id, "dice": dice, "pixel_auroc": auroc,
+               "lesion_voxels": int(gt.sum()), "predicted_voxels": int(pred.sum()),
+               "brain_mask": case.meta.get("brain_mask")}  # file / nonzero / derived (data/brainmask.py)
+        spacing = case.meta.get("spacing", (1.0, 1.0, 1.0))
+        row.update(self.lesions.update(case_lesions(seg, truth, spacing, case.case_id, brain), dice,
+                                       case_voxels["pixel_auprc"]))
+        self.per_case.append(row)
         self.views.append((dice, case.case_id, _display(case, smoothed, seg, model)))
         self._keep_extreme_views()
 
@@ -95,6 +106,7 @@ class PredictorTally:
         self.per_case.extend(other.per_case)
         self.views.extend(other.views)
         self._keep_extreme_views()
+        self.lesions.merge(other.lesions)
         return self
 
     def metrics(self) -> dict:
@@ -115,7 +127,9 @@ class PredictorTally:
             "predictor_params": self.params,
             "n_cases": len(self.per_case), "n_voxels": m["n_voxels"], "n_anomalous_voxels": m["n_positive"],
             "n_slices": int(len(labels)), "n_anomalous_slices": int(labels.sum()),
+            **self.lesions.compute(),
             "per_case": sorted(self.per_case, key=lambda row: row["case_id"]),
+            "per_lesion": self.lesions.per_lesion(),
         }
 
 
@@ -263,7 +277,7 @@ def evaluate_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path,
             results[name] = _write_results(folder, tallies[name], run_dir, data,
                                            None if base is None or name == BASELINE else (base, base_metrics))
         if len(reported) > 1:
-            summary = {name: {k: v for k, v in r.items() if k != "per_case"} for name, r in results.items()}
+            summary = {name: {k: v for k, v in r.items() if k not in TABLE_KEYS} for name, r in results.items()}
             write_text(tmp / "summary.json", json.dumps(_jsonable(summary), indent=1))
             write_text(tmp / "summary.md", summary_table(summary))
             write_comparison_report(tmp / "report.html", summary, [r for _, _, r in side_by_side], SUMMARY_KEYS,
@@ -279,7 +293,7 @@ def _write_results(folder: Path, tally: PredictorTally, run_dir, data, baseline=
     base_curves = None
     if baseline is not None:
         base_tally, base_metrics = baseline
-        metrics["baseline"] = {k: v for k, v in base_metrics.items() if k != "per_case"}
+        metrics["baseline"] = {k: v for k, v in base_metrics.items() if k not in TABLE_KEYS}
         metrics["gain_over_baseline"] = {k: relative_gain(metrics[k], base_metrics[k]) for k in GAIN_KEYS}
         base_dice = {row["case_id"]: row["dice"] for row in base_metrics["per_case"]}
         for row in metrics["per_case"]:
@@ -292,7 +306,7 @@ def _write_results(folder: Path, tally: PredictorTally, run_dir, data, baseline=
             view.dice = dice
             overlays.append(view)
     overlays.sort(key=lambda v: -v.dice)
-    scalars = {k: v for k, v in metrics.items() if k != "per_case"}
+    scalars = {k: v for k, v in metrics.items() if k not in TABLE_KEYS}
     write_report(folder / "report.html", scalars, tally.voxels.curves(), metrics["per_case"], overlays,
                  title=f"anomaseg evaluation: {metrics['predictor']}",
                  baseline=None if baseline is None else (metrics["baseline"], base_curves), compare_keys=SUMMARY_KEYS)
