@@ -28,6 +28,21 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help="override any config key, e.g. --set model.params.beta=4 (repeatable)")
 
 
+def _add_bids_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--derivatives", action="append", default=[], metavar="NAME",
+                   help="BIDS data: pipeline under derivatives/ (or a path) holding brain masks and lesion "
+                        "labels (repeatable; default: every pipeline)")
+    p.add_argument("--select", action="append", default=[], metavar="COLUMN=VALUE",
+                   help="BIDS data: participants.tsv condition, e.g. group=control (repeatable; "
+                        "group=a,b for either value)")
+
+
+def _bids_query(args):
+    from anomaseg.data.bids import BidsQuery
+
+    return BidsQuery(tuple(args.derivatives), tuple(args.select))
+
+
 def _overrides(args) -> dict:
     from anomaseg.config import merge, parse_set
 
@@ -40,6 +55,10 @@ def _overrides(args) -> dict:
             o.setdefault(section, {})[key] = getattr(args, attr)
     if getattr(args, "modality", None):
         o.setdefault("data", {})["modalities"] = [m.strip() for m in args.modality.split(",") if m.strip()]
+    if getattr(args, "derivatives", None):
+        o.setdefault("data", {})["bids_derivatives"] = list(args.derivatives)
+    if getattr(args, "select", None):
+        o.setdefault("data", {})["bids_select"] = list(args.select)
     return merge(o, parse_set(args.set))
 
 
@@ -121,13 +140,21 @@ def _workers(args) -> int:
 def cmd_score(args) -> int:
     from anomaseg.scoring import score_dataset
 
+    from anomaseg.data.bids import PIPELINE, is_bids_root
+
     if (args.run is None) == (args.onnx is None):
         raise InputError(None, "score needs exactly one of --run RUN or --onnx MODEL.onnx")
     if args.onnx and (args.predictor or args.predictor_params):
         raise InputError(None, "--onnx scores with the predictor exported into the file; drop --predictor")
-    rows = score_dataset(args.run, args.data, args.out, predictor=args.predictor,
-                         predictor_params=_predictor_params(args), workers=_workers(args), onnx=args.onnx)
-    print(f"wrote anomaly maps and segmentations of {len(rows)} cases to {args.out}")
+    out = args.out
+    if out is None:
+        if not is_bids_root(args.data):
+            raise InputError(None, "--out is required (it defaults to DATA/derivatives/anomaseg for BIDS data only)")
+        out = str(Path(args.data) / "derivatives" / PIPELINE)
+    rows = score_dataset(args.run, args.data, out, predictor=args.predictor,
+                         predictor_params=_predictor_params(args), workers=_workers(args), onnx=args.onnx,
+                         bids=_bids_query(args))
+    print(f"wrote anomaly maps and segmentations of {len(rows)} cases to {out}")
     return 0
 
 
@@ -147,7 +174,7 @@ def cmd_evaluate(args) -> int:
 
     result = evaluate_dataset(args.run, args.data, args.out, predictors=args.predictor, save_maps=args.save_maps,
                               predictor_params=_predictor_params(args), baseline=not args.no_baseline,
-                              workers=_workers(args))
+                              workers=_workers(args), bids=_bids_query(args))
     results = {result["predictor"]: result} if "per_case" in result else result
     for name, r in results.items():
         print(f"{name}: pixel AUROC {r['pixel_auroc']:.3f}, AUPRC {r['pixel_auprc']:.3f}, "
@@ -210,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     _add_train_options(p)
+    _add_bids_options(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("score", help="write anomaly maps and segmentations (NIfTI) for a dataset")
@@ -217,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", metavar="MODEL.onnx", help="score with a model exported by `anomaseg export` and "
                                                         "ONNX Runtime, without the run folder")
     p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="output folder (BIDS data: default DATA/derivatives/anomaseg, a BIDS-derivatives dataset)")
+    _add_bids_options(p)
     p.add_argument("--predictor", help="predictor name (default: the run's, residual)")
     p.add_argument("--predictor-params", metavar="YAML", help=PREDICTOR_PARAMS_HELP)
     p.add_argument("--workers", type=int, default=1, help=WORKERS_HELP)
@@ -229,10 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--predictor", help="predictor name, comma-separated names, or 'all'")
     p.add_argument("--predictor-params", metavar="YAML", help=PREDICTOR_PARAMS_HELP)
-    p.add_argument("--save-maps", action="store_true", help="also write the NIfTI maps and segmentations")
+    p.add_argument("--save-maps", action="store_true",
+                   help="also write the NIfTI maps and segmentations (BIDS data: as a BIDS-derivatives dataset in OUT/maps)")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the intensity baseline (by default evaluated in the same pass and reported beside)")
     p.add_argument("--workers", type=int, default=1, help=WORKERS_HELP)
+    _add_bids_options(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="export a run's model and anomaly map to ONNX (scoring without PyTorch)")

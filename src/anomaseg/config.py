@@ -36,11 +36,18 @@ class DataConfig:
     val_fraction: float = 0.2  # healthy cases held out (whole cases) for validation and calibration
     cache_dir: str | None = "default"  # "default": $ANOMASEG_CACHE or ~/.cache/anomaseg; null: no cache
     brain_mask: str = "auto"  # cases without a mask file: auto | nonzero | derived | file (data/brainmask.py)
+    bids_derivatives: list[str] = field(default_factory=list)  # BIDS training data: pipelines with masks
+    bids_select: list[str] = field(default_factory=list)  # BIDS training data: participants.tsv conditions
 
     def __post_init__(self):
         self.slice_spec()  # validates image size, modalities, percentiles and the brain mask rule early
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+
+    def bids_query(self):
+        from anomaseg.data.bids import BidsQuery
+
+        return BidsQuery(tuple(self.bids_derivatives), tuple(self.bids_select))
 
     def slice_spec(self) -> SliceSpec:
         return SliceSpec(tuple(self.modalities), int(self.image_size), tuple(self.percentiles),

@@ -30,13 +30,15 @@ import numpy as np
 import torch
 
 from anomaseg.atomic import atomic_dir, write_text
+from anomaseg.data import bids as bids_io
 from anomaseg.lesion_metrics import LesionMetrics, case_lesions
 from anomaseg.data.io import load_volume, save_like
 from anomaseg.metrics import VoxelMetrics, binary_auprc, binary_auroc, dice_score
 from anomaseg.report import CaseOverlay, SideBySide, write_comparison_report, write_report
 from anomaseg.parallel import run_sharded, worker_device
 from anomaseg.run import load_run_config
-from anomaseg.scoring import OUTPUT_MARKER, ScorerSource, _check_output_dir, _prepare_one, _test_cases, resolve_predictors
+from anomaseg.scoring import (OUTPUT_MARKER, ScorerSource, _check_output_dir, _prepare_one, _test_cases,
+                              bids_output_info, resolve_predictors)
 
 BASELINE = "intensity"  # the predictor every evaluation is compared with
 N_OVERLAYS = 2  # best and worst cases shown in the report
@@ -176,6 +178,7 @@ class EvaluationJob:
     sources: dict  # predictor name -> ScorerSource, in the order of the reports
     reported: tuple  # the predictors with their own results (the baseline may only join the pass)
     save_maps: bool
+    bids_out: tuple | None = None  # (BIDS root, {predictor: sidecar fields}): maps as BIDS derivatives
 
 
 def evaluate_shard(rank: int, cases: list, report, job: EvaluationJob, out: Path,
@@ -204,8 +207,11 @@ def evaluate_shard(rank: int, cases: list, report, job: EvaluationJob, out: Path
                 row.maps[name] = to2d(smoothed)
             if job.save_maps and name in reported:
                 sub = out / "maps" / (name if len(reported) > 1 else "")
-                save_like(ref, smoothed, sub / f"{case.case_id}_anomaly_map.nii.gz", np.float32)
-                save_like(ref, seg, sub / f"{case.case_id}_segmentation.nii.gz", np.uint8)
+                if job.bids_out is not None:
+                    bids_io.save_case_outputs(sub, Path(job.bids_out[0]), case, ref, smoothed, seg, job.bids_out[1][name])
+                else:
+                    save_like(ref, smoothed, sub / f"{case.case_id}_anomaly_map.nii.gz", np.float32)
+                    save_like(ref, seg, sub / f"{case.case_id}_segmentation.nii.gz", np.uint8)
         if row is not None:
             side_by_side = _largest_lesions(side_by_side + [(int(prepared.truth.sum()), case.case_id, row)])
         report.done()
@@ -239,19 +245,21 @@ def predictor_specs(run_dir, predictors: str | dict | None, predictor_params: di
 
 def evaluate_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path, predictors: str | dict | None = None,
                      save_maps: bool = False, progress: bool = True, predictor_params: dict | None = None,
-                     baseline: bool = True, workers: int = 1) -> dict:
+                     baseline: bool = True, workers: int = 1, bids=None) -> dict:
     """Evaluate the run on a labelled test set; returns the metrics of the first predictor (or the
     summary of all). Writes OUT/metrics.json and OUT/report.html (one predictor), or one subfolder
     per predictor plus OUT/summary.json and OUT/report.html (several). `predictors`: see
     `predictor_specs`; `predictor_params` maps a predictor name to its hyper-parameters (e.g.
     {"projection": {"steps": 50}}) for named predictors.
     With `baseline`, the intensity baseline is evaluated in the same pass (module docstring).
-    `workers` > 1 splits the cases over that many processes; the results equal those of one."""
+    `workers` > 1 splits the cases over that many processes; the results equal those of one.
+    On a BIDS dataset (`bids`: its `BidsQuery`), `save_maps` writes OUT/maps[/<predictor>] as a
+    BIDS-derivatives dataset (see `data.bids`)."""
     out_dir = Path(out_dir)
     _check_output_dir(out_dir)
     run_dir = str(Path(run_dir).resolve())
     config = load_run_config(run_dir)
-    cases, spec = _test_cases(run_dir, data, config, require_seg=True)
+    cases, spec = _test_cases(run_dir, data, config, require_seg=True, bids=bids)
     built = {}  # label -> (source, fitted scorer); calibrated here, once, before any worker starts
     for label, (name, params) in predictor_specs(run_dir, predictors, predictor_params).items():
         source = ScorerSource(run_dir, name, params)
@@ -264,11 +272,20 @@ def evaluate_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path,
     if baseline and len(reported) > 1:  # compared side by side: the baseline comes first
         built = {BASELINE: built[BASELINE], **{k: v for k, v in built.items() if k != BASELINE}}
         reported = list(built)
-    job = EvaluationJob(run_dir, {name: src for name, (src, _) in built.items()}, tuple(reported), save_maps)
+    bids_out = None
+    if save_maps and bids_io.is_bids_root(data):
+        bids_out = (str(Path(data).resolve()),
+                    {name: bids_output_info(run_dir, config, built[name][1]) for name in reported})
+    job = EvaluationJob(run_dir, {name: src for name, (src, _) in built.items()}, tuple(reported), save_maps,
+                        bids_out)
     with atomic_dir(out_dir) as tmp:
         scorers = {name: scorer for name, (_, scorer) in built.items()} if workers <= 1 else None
         parts = run_sharded(evaluate_shard, cases, workers, (job, tmp, scorers), progress, desc="evaluating")
         tallies, side_by_side = merge_shards(parts)
+        if bids_out is not None:
+            for name in reported:
+                bids_io.write_description(tmp / "maps" / (name if len(reported) > 1 else ""), Path(data),
+                                          f"anomaly maps and segmentations ({name})")
         base = tallies[BASELINE] if baseline else None
         base_metrics = base.metrics() if base is not None else None
         results = {}

@@ -162,7 +162,8 @@ def calibrate(run_dir: str | Path, predictor: str | None = None, params: dict | 
     if not split["val"]:
         print("warning: the run held out no healthy cases; calibrating on training cases (threshold biased low)")
     try:
-        cases = [c for c in find_cases(config.train_dir, config.data.modalities) if c.case_id in set(ids)]
+        cases = [c for c in find_cases(config.train_dir, config.data.modalities, bids=config.data.bids_query())
+                 if c.case_id in set(ids)]
     except InputError as exc:
         raise InputError(paths.calibration, f"has no calibration of {key} for this checkpoint, and it cannot be "
                                             f"fitted: the run's healthy training data is unusable ({exc})") from None
@@ -224,8 +225,8 @@ def _check_output_dir(out: Path) -> None:
         raise InputError(out, "output folder exists and was not written by anomaseg; choose another --out")
 
 
-def _test_cases(run_dir, data, config: cfg.RunConfig, require_seg: bool):
-    cases = find_cases(data, config.data.modalities, require_seg=require_seg)
+def _test_cases(run_dir, data, config: cfg.RunConfig, require_seg: bool, bids=None):
+    cases = find_cases(data, config.data.modalities, require_seg=require_seg, bids=bids)
     return cases, config.data.slice_spec()
 
 
@@ -264,8 +265,21 @@ class ScorerSource:
         return cache_for(load_run_config(self.run_dir))
 
 
-def score_shard(rank: int, cases: list, report, source: ScorerSource, out: Path, scorer: Scorer | None = None) -> list[dict]:
-    """Score `cases` into the folder `out` (a worker's share); rows of scores.json, one per case."""
+def bids_output_info(run_dir, config: cfg.RunConfig, scorer: Scorer) -> dict:
+    """What the JSON sidecars of BIDS-derivative outputs record."""
+    from anomaseg import __version__
+
+    return {"Model": config.model.name, "Predictor": scorer.predictor.name, "Threshold": scorer.post.threshold_,
+            "HealthyFalsePositiveRate": config.score.healthy_fpr, "Run": str(Path(run_dir).resolve()),
+            "Checkpoint": checkpoint_stamp(run_dir), "AnomasegVersion": __version__}
+
+
+def score_shard(rank: int, cases: list, report, source: ScorerSource, out: Path, scorer: Scorer | None = None,
+                bids_out: tuple | None = None) -> list[dict]:
+    """Score `cases` into the folder `out` (a worker's share); rows of scores.json, one per case.
+    `bids_out`: (BIDS root, sidecar fields) to write BIDS-derivative outputs instead."""
+    from anomaseg.data import bids as bids_io
+
     scorer = scorer or source.build(device=worker_device(rank))
     spec, cache = source.slice_spec(), source.cache()
     rows = []
@@ -275,8 +289,11 @@ def score_shard(rank: int, cases: list, report, source: ScorerSource, out: Path,
         smoothed = scorer.smoothed_volume(prepared)
         seg = scorer.post.segment(smoothed)
         ref = load_volume(prepared.reference, header_only=True)
-        save_like(ref, smoothed, out / f"{case.case_id}_anomaly_map.nii.gz", np.float32)
-        save_like(ref, seg, out / f"{case.case_id}_segmentation.nii.gz", np.uint8)
+        if bids_out is not None:
+            bids_io.save_case_outputs(out, Path(bids_out[0]), case, ref, smoothed, seg, bids_out[1])
+        else:
+            save_like(ref, smoothed, out / f"{case.case_id}_anomaly_map.nii.gz", np.float32)
+            save_like(ref, seg, out / f"{case.case_id}_segmentation.nii.gz", np.uint8)
         rows.append({"case_id": case.case_id, "anomalous_voxels": int(seg.sum()), "max_anomaly": float(smoothed.max())})
         report.done()
     return rows
@@ -284,9 +301,11 @@ def score_shard(rank: int, cases: list, report, source: ScorerSource, out: Path,
 
 def score_dataset(run_dir: str | Path | None, data: str | Path, out_dir: str | Path, predictor: str | None = None,
                   progress: bool = True, predictor_params: dict | None = None, workers: int = 1,
-                  onnx: str | Path | None = None) -> list[dict]:
+                  onnx: str | Path | None = None, bids=None) -> list[dict]:
     """Write `<case>_anomaly_map.nii.gz` (float32) and `<case>_segmentation.nii.gz` (uint8) per case,
-    on the input's grid, affine and header. The output folder appears only when complete.
+    on the input's grid, affine and header. The output folder appears only when complete. For a BIDS
+    dataset (`bids`: its `BidsQuery`) the output folder is a BIDS-derivatives dataset instead
+    (`sub-XX/[ses-YY/]anat/..._desc-anomaly_{map,mask}.nii.gz` + sidecars, see `data.bids`).
 
     `workers` > 1 splits the cases over that many processes (`parallel.run_sharded`); the outputs
     are the same as with one. `onnx`: score with an exported model (`anomaseg export`) and ONNX
@@ -299,15 +318,22 @@ def score_dataset(run_dir: str | Path | None, data: str | Path, out_dir: str | P
         params = None if predictor is None else dict((predictor_params or {}).get(predictor, {}))
         source = ScorerSource(str(Path(run_dir).resolve()), predictor, params)
     spec = source.slice_spec()
-    cases = find_cases(data, spec.modalities, require_seg=False)
+    from anomaseg.data import bids as bids_io
+
+    cases = find_cases(data, spec.modalities, require_seg=False, bids=bids)
     scorer = source.build(progress)  # calibrates once, here, before any worker starts
+    bids_out = None
+    if bids_io.is_bids_root(data) and onnx is None:
+        bids_out = (str(Path(data).resolve()), bids_output_info(run_dir, load_run_config(run_dir), scorer))
     with atomic_dir(out_dir) as tmp:
-        parts = run_sharded(score_shard, cases, workers, (source, tmp, scorer if workers <= 1 else None), progress,
-                            desc="scoring")
+        parts = run_sharded(score_shard, cases, workers, (source, tmp, scorer if workers <= 1 else None, bids_out),
+                            progress, desc="scoring")
         rows = sorted((row for part in parts for row in part), key=lambda r: r["case_id"])
         summary = {"run": None if onnx is not None else str(Path(run_dir).resolve()),
                    "onnx": None if onnx is None else str(Path(onnx).resolve()), "data": str(Path(data).resolve()),
                    "predictor": scorer.predictor.name, "threshold": scorer.post.threshold_, "cases": rows}
         write_text(tmp / "scores.json", json.dumps(summary, indent=1))
+        if bids_out is not None:
+            bids_io.write_description(tmp, Path(data), "anomaly maps and segmentations")
         (tmp / OUTPUT_MARKER).touch()
     return rows

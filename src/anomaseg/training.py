@@ -101,7 +101,7 @@ class Trainer:
         c = self.config
         if not c.train_dir:
             raise InputError(None, "no training data given (--data)")
-        cases = find_cases(c.train_dir, c.data.modalities)
+        cases = find_cases(c.train_dir, c.data.modalities, bids=c.data.bids_query())
         by_id = {case.case_id: case for case in cases}
         if self.paths.split.exists():
             split = json.loads(self.paths.split.read_text())

@@ -13,7 +13,8 @@ A dataset is one of
   `../ground_truth/<type>/<stem>_mask.png` (seen from the type folder); images of type `good` are
   normal (an all-healthy segmentation, no mask file needed); the whole image counts as "brain".
   A PNG case offers the modalities `gray` (grayscale; luma for colour images) and `r`, `g`, `b`
-  (colour channels; a grayscale image serves all three).
+  (colour channels; a grayscale image serves all three);
+- a BIDS dataset root (`sub-<label>/[ses-<label>/]anat/...`): read by `anomaseg.data.bids`.
 """
 
 from __future__ import annotations
@@ -69,16 +70,24 @@ class Case:
 
 
 def find_cases(root: str | Path, modalities: list[str] | None = None, split: str = "training",
-               require_seg: bool = False) -> list[Case]:
+               require_seg: bool = False, bids=None) -> list[Case]:
     """List the cases under `root` (folder or datalist JSON), sorted by case id.
 
     With `modalities`, every case must have each of them (else `InputError`); with `require_seg`,
-    every case must have a segmentation.
+    every case must have a segmentation. A BIDS root is read by `data.bids` (`bids`: its
+    `BidsQuery`, which derivatives and participants to use).
     """
+    from anomaseg.data import bids as bids_reader
+
     root = Path(root)
     if not root.exists():
         raise InputError(root, "dataset path not found")
-    if root.is_file():
+    if bids_reader.is_bids_root(root):
+        cases = bids_reader.find_bids_cases(root, bids)
+    elif bids:
+        raise InputError(root, "--derivatives and --select need a BIDS dataset (dataset_description.json "
+                               "or sub-<label>/anat folders)")
+    elif root.is_file():
         if root.suffix.lower() != ".json":
             raise InputError(root, "dataset must be a folder or a datalist .json file")
         cases = _from_datalist(root, split)
@@ -113,6 +122,7 @@ def find_cases(root: str | Path, modalities: list[str] | None = None, split: str
             case.image(m)
         if require_seg and case.seg is None and not case.normal:
             expected = (f"../ground_truth/{case.source.name}/<name>_mask.png" if _is_png_case(case)
+                        else "a *_label-lesion_mask.nii.gz in derivatives/" if bids_reader.is_bids_root(root)
                         else "<case>_seg.nii.gz")
             raise InputError(case.source or root, f"case {case.case_id!r} has no segmentation ({expected})")
     return sorted(cases, key=lambda c: c.case_id)
