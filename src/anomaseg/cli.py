@@ -189,6 +189,24 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_preprocess(args) -> int:
+    from anomaseg.preprocess import PreprocessConfig, preprocess_dataset
+
+    modalities = [m.strip() for m in (args.modality or "").split(",") if m.strip()]
+    try:
+        config = PreprocessConfig(reference=args.reference or (modalities[0] if modalities else "flair"),
+                                  spacing=args.spacing, n4=not args.no_n4, coregistration=args.coregistration,
+                                  mni=args.mni, iterations=args.iterations)
+    except ValueError as exc:
+        raise InputError(None, str(exc)) from None
+    rows = preprocess_dataset(args.data, args.out, config, workers=args.workers, bids=_bids_query(args),
+                              modalities=modalities or None)
+    done = sum(r["status"] == "done" for r in rows)
+    print(f"preprocessed {len(rows)} cases into {args.out} ({done} done, {len(rows) - done} skipped: already "
+          f"finished); per-case logs beside the volumes")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from anomaseg.demo import run_demo
 
@@ -273,6 +291,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictor", help="predictor whose map is exported (default: the run's; exportable: residual)")
     p.add_argument("--predictor-params", metavar="YAML", help=PREDICTOR_PARAMS_HELP)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("preprocess", help="raw scans -> model-ready volumes: reorient, N4, isotropic resampling, "
+                                          "co-registration, optional MNI152 registration, brain mask")
+    p.add_argument("--data", required=True, help="dataset (case folders, datalist or BIDS root)")
+    p.add_argument("--out", required=True, help="output dataset (same kind as the input; BIDS: a derivatives dataset)")
+    p.add_argument("--modality", help="modalities to process, comma-separated (default: every image of a case)")
+    p.add_argument("--reference", help="modality the others are registered to (default: the first --modality, or flair)")
+    p.add_argument("--spacing", type=float, default=1.0, help="isotropic voxel size in mm (default 1)")
+    p.add_argument("--coregistration", choices=["rigid", "affine", "none"], default="rigid")
+    p.add_argument("--mni", action="store_true", help="affine registration to nilearn's MNI152 template (outputs on its grid)")
+    p.add_argument("--no-n4", action="store_true", help="skip N4 bias-field correction")
+    p.add_argument("--iterations", type=int, default=100, help="registration iterations per pyramid level")
+    p.add_argument("--workers", type=int, help="cases processed in parallel (default: CPU count)")
+    _add_bids_options(p)
+    p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("demo", help="phantom -> train -> evaluate on built-in data, in minutes")
     p.add_argument("--out", default="demo_output")

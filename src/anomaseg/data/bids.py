@@ -8,9 +8,9 @@ and lesion labels (`*_label-lesion_mask`, `*_label-lesion_roi`, `*_desc-lesion_m
 `*_desc-lesion_dseg`; label > 0 = anomalous) are taken from the case's own `anat/` folder (a
 derivatives dataset such as `anomaseg preprocess`'s output is itself a BIDS root) and from the
 pipelines under `derivatives/`: the ones named by `derivatives` (a folder name under
-`derivatives/`, or a path), else every pipeline there except anomaseg's own outputs. Files with a
-`space-` entity naming a template (anything but `orig`/`native`/`individual`) are ignored: they do
-not lie on the images' grid. Two candidates for one role (e.g. two pipelines that both provide a
+`derivatives/`, or a path), else every pipeline there except anomaseg's own outputs. Masks and
+labels must be in the images' space (`space-` entity; none, `orig`, `native` and `individual` all
+mean the scanner's): a brain mask in MNI space does not lie on native images and is ignored. Two candidates for one role (e.g. two pipelines that both provide a
 brain mask) are an error that names both, never a silent choice; `--derivatives` picks one.
 `select` filters subjects on `participants.tsv` columns (`group=control`; `group=control,hc` for
 either value; several conditions must all hold).
@@ -201,26 +201,27 @@ def find_bids_cases(root: str | Path, query: BidsQuery | None = None) -> list[Ca
     cases = []
     for cid in sorted(own):
         images: dict[str, list[Path]] = {}
-        roles: dict[str, list[Path]] = {"brain": [], "lesion": []}
+        roles: dict[tuple, list[Path]] = {}
         for f in own[cid] + extra.get(cid, []):
             entities, suffix = parse_name(f)
             role = role_of(entities, suffix)
-            if entities.get("space") not in _NATIVE_SPACES or role == "other":
-                continue
-            if role == "image":
-                if f in extra.get(cid, []):
-                    continue  # images come from the dataset itself; a pipeline's images are not ours
+            space = None if entities.get("space") in _NATIVE_SPACES else entities["space"]
+            if role == "image" and f not in extra.get(cid, []):  # a pipeline's images are not the dataset's
                 images.setdefault(modality_of(entities, suffix), []).append(f)
-            else:
-                roles[role].append(f)
-        anat = own[cid][0].parent
+                roles.setdefault(("space", space), []).append(f)
+            elif role in ("brain", "lesion"):
+                roles.setdefault((role, space), []).append(f)
         if not images:
             continue
         for modality, files in images.items():
             _one(files, f"{modality} image", cid)
+        spaces = sorted({key[1] or "native" for key in roles if key[0] == "space"})
+        if len(spaces) > 1:
+            raise InputError(own[cid][0].parent, f"{cid} has images in several spaces ({', '.join(spaces)})")
+        space = next(key[1] for key in roles if key[0] == "space")  # masks in another space do not fit
         refs = {m: ImageRef(files[0]) for m, files in images.items()}
-        cases.append(Case(cid, refs, _one(roles["lesion"], "lesion label", cid),
-                          _one(roles["brain"], "brain mask", cid), anat))
+        cases.append(Case(cid, refs, _one(roles.get(("lesion", space), []), "lesion label", cid),
+                          _one(roles.get(("brain", space), []), "brain mask", cid), own[cid][0].parent))
     if not cases:
         where = f" for the selected participants ({', '.join(query.select)})" if query.select else ""
         raise InputError(root, f"BIDS dataset has no anatomical images{where} (expected "
