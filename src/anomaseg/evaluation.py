@@ -31,11 +31,12 @@ import torch
 
 from anomaseg.atomic import atomic_dir, write_text
 from anomaseg.data import bids as bids_io
-from anomaseg.lesion_metrics import LesionMetrics, case_lesions
 from anomaseg.data.io import load_volume, save_like
+from anomaseg.lesion_metrics import LesionMetrics, case_lesions
 from anomaseg.metrics import VoxelMetrics, binary_auprc, binary_auroc, dice_score
 from anomaseg.report import CaseOverlay, SideBySide, write_comparison_report, write_report
 from anomaseg.parallel import run_sharded, worker_device
+from anomaseg.report_viewer import MAX_VIEWERS, case_slices
 from anomaseg.run import load_run_config
 from anomaseg.scoring import (OUTPUT_MARKER, ScorerSource, _check_output_dir, _prepare_one, _test_cases,
                               bids_output_info, resolve_predictors)
@@ -64,6 +65,7 @@ class PredictorTally:
     per_case: list = field(default_factory=list)
     views: list = field(default_factory=list)  # (dice, case_id, display arrays) for the report
     lesions: LesionMetrics = field(default_factory=LesionMetrics)
+    viewers: list = field(default_factory=list)  # (dice, case_id, CaseSlices): the best and worst cases
 
     def add(self, case, smoothed: np.ndarray, scores: np.ndarray, seg: np.ndarray, model) -> None:
         brain, truth = case.brain, case.truth
@@ -86,6 +88,8 @@ class PredictorTally:
         row.update(self.lesions.update(case_lesions(seg, truth, spacing, case.case_id, brain), dice,
                                        case_voxels["pixel_auprc"]))
         self.per_case.append(row)
+        self.viewers.append((dice, case.case_id, _slices(case, smoothed, seg, self.threshold, dice)))
+        self._keep_extreme_viewers()
         self.views.append((dice, case.case_id, _display(case, smoothed, seg, model)))
         self._keep_extreme_views()
 
@@ -94,6 +98,13 @@ class PredictorTally:
         self.views.sort(key=lambda v: (v[0], v[1]))
         if len(self.views) > 2 * N_OVERLAYS:
             del self.views[N_OVERLAYS:-N_OVERLAYS]
+
+    def _keep_extreme_viewers(self) -> None:
+        """Slice viewers of the best and worst cases by (Dice, case id), as for the overlays."""
+        self.viewers.sort(key=lambda v: (v[0], v[1]))
+        half = MAX_VIEWERS // 2
+        if len(self.viewers) > 2 * half:
+            del self.viewers[half:-half]
 
     def merge(self, other: "PredictorTally") -> "PredictorTally":
         """Add the tally of a disjoint share of the cases (another worker's); returns self."""
@@ -109,6 +120,8 @@ class PredictorTally:
         self.views.extend(other.views)
         self._keep_extreme_views()
         self.lesions.merge(other.lesions)
+        self.viewers.extend(other.viewers)
+        self._keep_extreme_viewers()
         return self
 
     def metrics(self) -> dict:
@@ -149,6 +162,20 @@ def _view(case, area: np.ndarray):
 
 def _show(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a.T[::-1])  # (x, y) -> rows = y flipped
+
+
+def _slices(case, smoothed, seg, threshold, dice):
+    """Every axial slice of the case at model size, anterior up, encoded for the report's viewer."""
+    g = case.geometry
+
+    def show(a):  # (Z, x, y) -> (Z, rows = y flipped, x)
+        return np.ascontiguousarray(np.transpose(a, (0, 2, 1))[:, ::-1])
+
+    image = show(case.images[:, 0].astype(np.float32))
+    amap = show(g.to_slices(smoothed.astype(np.float32))[:, 0].numpy())
+    pred = show(g.to_slices(seg.astype(np.float32), "nearest")[:, 0].numpy() > 0.5)
+    truth = show(g.to_slices(case.truth.astype(np.float32), "nearest")[:, 0].numpy() > 0.5)
+    return case_slices(case.case_id, dice, image, amap, pred, truth, threshold)
 
 
 def _display(case, smoothed, seg, model) -> CaseOverlay | None:
@@ -326,7 +353,9 @@ def _write_results(folder: Path, tally: PredictorTally, run_dir, data, baseline=
     scalars = {k: v for k, v in metrics.items() if k not in TABLE_KEYS}
     write_report(folder / "report.html", scalars, tally.voxels.curves(), metrics["per_case"], overlays,
                  title=f"anomaseg evaluation: {metrics['predictor']}",
-                 baseline=None if baseline is None else (metrics["baseline"], base_curves), compare_keys=SUMMARY_KEYS)
+                 baseline=None if baseline is None else (metrics["baseline"], base_curves), compare_keys=SUMMARY_KEYS,
+                 viewers=[v for _, _, v in sorted(tally.viewers, key=lambda v: (-v[0], v[1]))],
+                 per_lesion=metrics["per_lesion"])
     return metrics
 
 

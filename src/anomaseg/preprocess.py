@@ -214,12 +214,26 @@ def _from_ras_array(data: np.ndarray, affine: np.ndarray):
 
 
 # --------------------------------------------------------------------------- one case
+class _TimedSteps(list):
+    """The log's step list: each step records the seconds since the previous one."""
+
+    def __init__(self):
+        super().__init__()
+        self._last = time.perf_counter()
+
+    def append(self, step: dict) -> None:
+        now = time.perf_counter()
+        step["seconds"] = round(now - self._last, 2)
+        self._last = now
+        super().append(step)
+
+
 def preprocess_case(images: dict[str, Path], mask: Path | None, seg: Path | None, config: PreprocessConfig
                     ) -> tuple[dict, object, object | None, dict]:
     """Run every step on one case. Returns ({modality: image}, brain mask, labels or None, log)."""
     sitk = _sitk()
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # deterministic, and cases run in parallel
-    log: dict = {"config": asdict(config), "steps": [], "inputs": {m: str(p) for m, p in images.items()}}
+    log: dict = {"config": asdict(config), "steps": _TimedSteps(), "inputs": {m: str(p) for m, p in images.items()}}
     t0 = time.perf_counter()
     if config.reference not in images:
         raise InputError(next(iter(images.values())), f"reference modality {config.reference!r} missing "
@@ -314,15 +328,13 @@ def _outputs(case, out_root: Path, bids_root: Path | None, config: PreprocessCon
     from anomaseg.data import bids
 
     stem = bids.case_id(bids.case_entities(case.case_id))
-    if config.mni:
-        stem += f"_space-{MNI_SPACE}"
+    space = f"_space-{MNI_SPACE}" if config.mni else ""
     names = {}
-    for m in case.images:
-        suffix = _BIDS_SUFFIX.get(m, m)
+    for m in case.images:  # entity order of the BIDS specification: sub, ses, ce, space, desc
         ce = "_ce-contrast" if m == "t1ce" else ""
-        names[m] = f"{stem}{ce}_desc-preproc_{suffix}.nii.gz"
-    names.update(mask=f"{stem}_desc-brain_mask.nii.gz", seg=f"{stem}_label-lesion_mask.nii.gz",
-                 log=f"{stem}_desc-preproc_log.json")
+        names[m] = f"{stem}{ce}{space}_desc-preproc_{_BIDS_SUFFIX.get(m, m)}.nii.gz"
+    names.update(mask=f"{stem}{space}_desc-brain_mask.nii.gz", seg=f"{stem}{space}_label-lesion_mask.nii.gz",
+                 log=f"{stem}{space}_desc-preproc_log.json")
     return bids.output_folder(out_root, case.case_id), names
 
 

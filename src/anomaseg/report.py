@@ -295,6 +295,7 @@ def _summary_html(metrics: dict) -> str:
 
 
 def _per_case_html(per_case: list[dict]) -> str:
+    """A table with one column per key (sortable by clicking a column head)."""
     if not per_case:
         return '<p class="note">no cases</p>'
     columns: list[str] = []
@@ -313,7 +314,38 @@ def _per_case_html(per_case: list[dict]) -> str:
             cls = ' class="key"' if c == "case_id" or isinstance(v, str) else ""
             cells.append(f"<td{cls}>{_esc(_fmt(v))}</td>")
         body.append(f"<tr>{''.join(cells)}</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+    return f"<table class=\"sortable\"><tr>{head}</tr>{''.join(body)}</table>"
+
+
+CLINICAL_ROWS = [  # (label, mean key, std key) of lesion_metrics.LesionMetrics
+    ("per-volume Dice", "per_volume_dice_mean", "per_volume_dice_std"),
+    ("per-volume AUPRC", "per_volume_auprc_mean", "per_volume_auprc_std"),
+    ("lesion recall", "lesion_recall", None), ("lesion precision", "lesion_precision", None),
+    ("lesion F1", "lesion_f1", None), ("false-positive lesions per case", "false_positive_lesions_per_case", None),
+    ("absolute volume difference (ml)", "abs_volume_difference_ml_mean", "abs_volume_difference_ml_std"),
+    ("absolute volume difference (%)", "abs_volume_difference_percent_mean", None),
+]
+
+
+def _clinical_html(metrics: dict, baseline: dict | None) -> str:
+    """Per-volume (mean +- std) and lesion-wise metrics; the baseline's beside when given."""
+    def cell(m, mean, std):
+        text = _fmt(m.get(mean))
+        if std and m.get(std) is not None:
+            text += f" &plusmn; {_esc(_fmt(m.get(std)))}"
+        return f"<td>{text}</td>"
+
+    columns = [(str(metrics.get("predictor", "model")), metrics)]
+    if baseline:
+        columns.insert(0, (f"{baseline.get('predictor', 'intensity')} (baseline)", baseline))
+    head = "".join(f"<th>{_esc(name)}</th>" for name, _ in columns)
+    body = "".join(f'<tr><td class="key">{_esc(label)}</td>' + "".join(cell(m, mean, std) for _, m in columns)
+                   + "</tr>" for label, mean, std in CLINICAL_ROWS)
+    note = (f'<p class="note">Per-volume means over the {_esc(_fmt(metrics.get("per_volume_n_cases")))} cases with '
+            "lesions; a true lesion is detected when a predicted component overlaps it; "
+            f"{_esc(_fmt(metrics.get('n_true_lesions')))} true and "
+            f"{_esc(_fmt(metrics.get('n_predicted_lesions')))} predicted lesions.</p>")
+    return f'<table><tr><th class="key">metric</th>{head}</tr>{body}</table>{note}'
 
 
 def _versus_baseline_html(metrics: dict, baseline: dict, keys: list[str]) -> str:
@@ -335,6 +367,8 @@ def write_report(
     title: str = "anomaseg evaluation",
     baseline: tuple[dict, dict] | None = None,
     compare_keys: list[str] | None = None,
+    viewers: list | None = None,
+    per_lesion: list[dict] | None = None,
 ) -> None:
     """Write one self-contained HTML report to ``path`` (atomically).
 
@@ -343,8 +377,12 @@ def write_report(
     ``per_case``: dicts with at least "case_id" and "dice", every key becomes a column;
     ``overlays``: one row of panels per :class:`CaseOverlay` (may be empty); ``baseline``: the
     (metrics, curves) of the intensity baseline on the same cases, shown as the first row of a
-    comparison table (columns ``compare_keys``) and the first curve of each plot.
+    comparison table (columns ``compare_keys``) and the first curve of each plot; ``viewers``:
+    :class:`report_viewer.CaseSlices` to browse slice by slice; ``per_lesion``: the lesion table.
+    With lesion metrics in ``metrics`` (``lesion_metrics``), a clinical section and the
+    size-stratified recall plot are added.
     """
+    from anomaseg import report_viewer
     metrics = dict(metrics or {})
     curves = dict(curves or {})
     per_case = list(per_case or [])
@@ -361,8 +399,21 @@ def write_report(
         "<h2>Curves</h2>",
         _img(curves_uri, "ROC and precision-recall curves") if curves_uri
         else '<p class="note">no curves (both classes are needed)</p>',
+    ]
+    if "lesion_recall" in metrics:
+        size_uri = report_viewer.size_recall_png(metrics, baseline[0] if baseline else None)
+        sections += ["<h2>Clinical metrics</h2>", _clinical_html(metrics, baseline[0] if baseline else None)]
+        if size_uri:
+            sections.append(_img(size_uri, "lesion recall by lesion size"))
+    if viewers:
+        sections += [f"<h2>Slice viewer ({len(viewers)} cases)</h2>", report_viewer.viewers_html(viewers)]
+    sections += [
         f"<h2>Per case ({len(per_case)})</h2>",
         _per_case_html(per_case),
+    ]
+    if per_lesion is not None:
+        sections += [f"<h2>Per lesion ({len(per_lesion)})</h2>", _per_case_html(per_lesion)]
+    sections += [
         f"<h2>Overlays ({len(overlays)})</h2>",
     ]
     if overlays:
@@ -381,10 +432,11 @@ def write_report(
     doc = (
         "<!DOCTYPE html>\n"
         '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f"<title>{_esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        f"<title>{_esc(title)}</title>\n<style>{_CSS}{report_viewer.css()}</style>\n</head>\n<body>\n"
         f"<h1>{_esc(title)}</h1>\n"
         f'<p class="note">generated {_esc(created)} by anomaseg</p>\n'
         + "\n".join(sections)
+        + "\n" + report_viewer.script_html()
         + "\n</body>\n</html>\n"
     )
     # pure ASCII (non-ASCII as character references): independent of the locale's file encoding
