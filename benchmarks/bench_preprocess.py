@@ -4,7 +4,8 @@
    evaluated on the lesioned ones: the **clean** copy.
 2. The same lesioned subjects written at 1 mm and **degraded** as raw scans come: rotated (10
    degrees about a random axis, the T2 by 3 more degrees than the FLAIR, so co-registration has
-   work to do), shifted (up to 5 mm), multiplied by a smooth bias field (about +-25%) and resampled to
+   work to do), shifted (up to 5 mm), multiplied by a smooth bias field (exp of a random quadratic,
+   typically within +-30%) and resampled to
    2 x 1 x 1 mm voxels. Brain mask and labels follow the FLAIR (nearest neighbour).
 3. `anomaseg preprocess --mni --spacing 2` on the degraded copy (N4, co-registration of T2 to
    FLAIR, affine registration to MNI152, the given brain mask carried along); and once more
@@ -15,6 +16,7 @@
 Target: pixel AUPRC on the preprocessed copy within 0.02 of the clean copy.
 
     python benchmarks/bench_preprocess.py [--healthy 80] [--lesioned 12] [--epochs 12] [--workers 2]
+        [--template-mask] [--work DIR [--reuse] [--run RUN]]
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ KEYS = ("pixel_auroc", "pixel_auprc", "dice_best", "per_volume_dice_mean", "lesi
 MODALITIES = ["flair", "t2"]
 
 
-def degrade_case(src: Path, dst: Path, rng: np.random.Generator) -> dict:
-    """Rotate, shift, bias and resample one 1 mm case to 2 x 1 x 1 mm (see the module docstring)."""
+def degrade_case(src: Path, dst: Path, rng: np.random.Generator, write: bool = True) -> dict:
+    """Rotate, shift, bias and resample one 1 mm case to 2 x 1 x 1 mm (see the module docstring);
+    `write=False` only draws the same parameters (for a rerun on existing copies)."""
     import SimpleITK as sitk
 
     case = src.name
@@ -72,9 +75,10 @@ def degrade_case(src: Path, dst: Path, rng: np.random.Generator) -> dict:
     y = (np.arange(grid.GetSize()[1]) / grid.GetSize()[1] - 0.5)[None, :, None]
     z = (np.arange(grid.GetSize()[2]) / grid.GetSize()[2] - 0.5)[:, None, None]
     c = rng.uniform(-0.5, 0.5, 4)
-    bias = np.exp(c[0] * x + c[1] * y + c[2] * z + c[3] * (x * y + y * z))  # smooth, about +-25%
+    bias = np.exp(c[0] * x + c[1] * y + c[2] * z + c[3] * (x * y + y * z))  # smooth, typically +-30%
     dst.mkdir(parents=True, exist_ok=True)
-    for name, degrees, label in (("flair", 10, False), ("t2", 13, False), ("mask", 10, True), ("seg", 10, True)):
+    files = (("flair", 10, False), ("t2", 13, False), ("mask", 10, True), ("seg", 10, True))
+    for name, degrees, label in files if write else ():
         path = src / f"{case}_{name}.nii.gz"
         if not path.exists():
             continue
@@ -90,6 +94,15 @@ def degrade_case(src: Path, dst: Path, rng: np.random.Generator) -> dict:
         sitk.WriteImage(out, str(dst / f"{case}_{name}.nii.gz"), useCompression=True)
     return {"case": case, "axis": axis.round(3).tolist(), "degrees": 10, "t2_degrees": 13,
             "shift_mm": shift.round(2).tolist(), "bias_coefficients": c.round(3).tolist()}
+
+
+def _subset(folder: Path, cases: list[str], out: Path) -> Path:
+    """A folder of links to the named case folders (every copy is evaluated on the same cases)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for case in cases:
+        if not (out / case).exists():
+            (out / case).symlink_to((folder / case).resolve())
+    return out
 
 
 def evaluate(run: Path, data: Path, out: Path) -> dict:
@@ -110,6 +123,10 @@ def main() -> None:
     ap.add_argument("--template-mask", action="store_true",
                     help="also preprocess without the brain masks (MNI152 mask brought back) and evaluate that copy")
     ap.add_argument("--work", help="working folder (default: a temporary one)")
+    ap.add_argument("--run", help="a run trained on WORK/p2/train with the demo's settings: reused instead of training")
+    ap.add_argument("--reuse", action="store_true", help="reuse the phantoms and degraded copies already in --work")
+    ap.add_argument("--no-preprocess", action="store_true",
+                    help="with --reuse: evaluate the cases already preprocessed in WORK/pre (all copies on those cases)")
     ap.add_argument("--out", default=str(ROOT / "results" / "preprocess.json"))
     args = ap.parse_args()
     times: dict = {}
@@ -118,21 +135,25 @@ def main() -> None:
         work = Path(args.work or tmp)
         os.environ.setdefault("ANOMASEG_CACHE", str(work / "cache"))
         t = time.perf_counter()
-        make_phantom(work / "p2", args.healthy, args.lesioned, seed=args.seed, resolution=2, modalities=MODALITIES)
-        make_phantom(work / "p1", 0, args.lesioned, seed=args.seed, resolution=1, modalities=MODALITIES)
+        if not (args.reuse and (work / "p1" / "test").is_dir()):
+            make_phantom(work / "p2", args.healthy, args.lesioned, seed=args.seed, resolution=2, modalities=MODALITIES)
+            make_phantom(work / "p1", 0, args.lesioned, seed=args.seed, resolution=1, modalities=MODALITIES)
         times["phantoms"] = time.perf_counter() - t
 
         t = time.perf_counter()
         rng = np.random.default_rng(args.seed)
-        degradations = [degrade_case(c, work / "degraded" / c.name, rng)
+        degradations = [degrade_case(c, work / "degraded" / c.name, rng, write=not args.reuse)
                         for c in sorted((work / "p1" / "test").iterdir()) if c.is_dir()]
         times["degrade"] = time.perf_counter() - t
 
         t = time.perf_counter()
         config = PreprocessConfig(reference="flair", spacing=2.0, mni=True)
-        preprocess_dataset(work / "degraded", work / "pre", config, workers=args.workers, progress=False)
+        if not args.no_preprocess:
+            preprocess_dataset(work / "degraded", work / "pre", config, workers=args.workers, progress=False)
         times["preprocess"] = time.perf_counter() - t
-        copies = {"clean": work / "p2" / "test", "degraded": work / "degraded", "preprocessed": work / "pre"}
+        cases = sorted(d.name for d in (work / "pre").iterdir() if (d / f"{d.name}_preprocess.json").exists())
+        copies = {name: _subset(folder, cases, work / "subsets" / name) for name, folder in
+                  (("clean", work / "p2" / "test"), ("degraded", work / "degraded"), ("preprocessed", work / "pre"))}
         if args.template_mask:
             t = time.perf_counter()
             no_masks = work / "degraded_nomask"
@@ -143,20 +164,22 @@ def main() -> None:
                         (no_masks / c.name / f.name).symlink_to(f)
             preprocess_dataset(no_masks, work / "pre_template_mask", config, workers=args.workers, progress=False)
             times["preprocess_template_mask"] = time.perf_counter() - t
-            copies["preprocessed_template_mask"] = work / "pre_template_mask"
+            copies["preprocessed_template_mask"] = _subset(work / "pre_template_mask", cases, work / "subsets" / "tm")
 
         t = time.perf_counter()
         plan = dict(demo.DEMO, healthy=args.healthy, epochs=args.epochs, modalities=MODALITIES)
-        cfg = demo.demo_config(plan, args.seed)
-        cfg.train_dir = str((work / "p2" / "train").resolve())
-        train(cfg, work / "run", progress=False)
-        calibrate(work / "run", progress=False, force=True)
+        run = Path(args.run) if args.run else work / "run"
+        if not args.run:
+            cfg = demo.demo_config(plan, args.seed)
+            cfg.train_dir = str((work / "p2" / "train").resolve())
+            train(cfg, run, progress=False)
+            calibrate(run, progress=False, force=True)
         times["train"] = time.perf_counter() - t
 
         rows = {}
         for name, data in copies.items():
             t = time.perf_counter()
-            rows[name] = evaluate(work / "run", data, work / f"eval_{name}")
+            rows[name] = evaluate(run, data, work / f"eval_{name}")
             times[f"evaluate_{name}"] = time.perf_counter() - t
             print(name, json.dumps(rows[name]), flush=True)
         logs = [json.loads(p.read_text()) for p in sorted((work / "pre").glob("*/*_preprocess.json"))]
@@ -173,7 +196,7 @@ def main() -> None:
                     "load_average_at_end": os.getloadavg()},
         "seconds": {k: round(v, 1) for k, v in times.items()},
         "preprocess_seconds_per_case": [log["seconds"] for log in logs], "preprocess_seconds_by_step": step_seconds,
-        "degradations": degradations, "results": rows,
+        "degradations": degradations, "cases_evaluated": cases, "results": rows,
         "auprc_preprocessed_minus_clean": gap, "target_met": abs(gap) <= 0.02,
     }
     write_text(Path(args.out), json.dumps(report, indent=1))

@@ -167,3 +167,8 @@ def test_train_on_controls_score_and_evaluate_patients(tmp_path, capsys):
         # bids-validator 1.15 (the last on npm) predates the derivatives schema: it rejects every
         # derivative file name (BIDS' own desc-brain_mask too) but checks dataset_description.json
         assert _validator_errors(out) <= {"NOT_INCLUDED", "NO_VALID_DATA_FOUND_FOR_SUBJECT"}
+
+
+def test_score_needs_out_unless_bids(tmp_path, capsys):
+    assert main(["score", "--run", str(tmp_path / "run"), "--data", str(tmp_path)]) == 2
+    assert "--out is required" in capsys.readouterr().err
