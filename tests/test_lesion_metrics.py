@@ -97,3 +97,14 @@ def test_nothing_predicted():
     acc.update(case_lesions(np.zeros_like(true), true), 0.0, 0.1)
     m = acc.compute()
     assert m["lesion_recall"] == 0.0 and math.isnan(m["lesion_precision"]) and m["lesion_f1"] == 0.0
+
+
+def test_merged_shares_give_the_same_metrics():
+    cases = [case_lesions(p, t, SPACING, f"c{i}") for i, (p, t) in enumerate(_example())]
+    whole, a, b = LesionMetrics(), LesionMetrics(), LesionMetrics()
+    for i, c in enumerate(cases):
+        whole.update(c, 0.1 * i, 0.5)
+    b.update(cases[2], 0.2, 0.5)  # another worker's share, in another order
+    for i in (1, 0):
+        a.update(cases[i], 0.1 * i, 0.5)
+    assert a.merge(b).compute() == whole.compute() and a.per_lesion() == whole.per_lesion()
