@@ -140,22 +140,25 @@ def _workers(args) -> int:
 def cmd_score(args) -> int:
     from anomaseg.scoring import score_dataset
 
-    from anomaseg.data.bids import PIPELINE, is_bids_root
-
     if (args.run is None) == (args.onnx is None):
         raise InputError(None, "score needs exactly one of --run RUN or --onnx MODEL.onnx")
     if args.onnx and (args.predictor or args.predictor_params):
         raise InputError(None, "--onnx scores with the predictor exported into the file; drop --predictor")
     out = args.out
-    if out is None:
-        if not is_bids_root(args.data):
-            raise InputError(None, "--out is required (it defaults to DATA/derivatives/anomaseg for BIDS data only)")
-        out = str(Path(args.data) / "derivatives" / PIPELINE)
     rows = score_dataset(args.run, args.data, out, predictor=args.predictor,
                          predictor_params=_predictor_params(args), workers=_workers(args), onnx=args.onnx,
                          bids=_bids_query(args))
     print(f"wrote anomaly maps and segmentations of {len(rows)} cases to {out}")
     return 0
+
+
+def _default_score_out(data: str) -> str:
+    """score's --out for BIDS data: DATA/derivatives/anomaseg."""
+    from anomaseg.data.bids import PIPELINE, is_bids_root
+
+    if not is_bids_root(data):
+        raise InputError(None, "--out is required (it defaults to DATA/derivatives/anomaseg for BIDS data only)")
+    return str(Path(data) / "derivatives" / PIPELINE)
 
 
 def cmd_export(args) -> int:
@@ -336,8 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     from anomaseg.atomic import output_lock
 
     args = build_parser().parse_args(argv)
-    lock = output_lock(args.out) if args.command in LOCKED_COMMANDS else contextlib.nullcontext()
     try:
+        if args.command == "score" and args.out is None:
+            args.out = _default_score_out(args.data)
+        lock = output_lock(args.out) if args.command in LOCKED_COMMANDS else contextlib.nullcontext()
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             warnings.simplefilter("default", InputWarning)
