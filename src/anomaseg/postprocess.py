@@ -20,7 +20,8 @@ import numpy as np
 from scipy import ndimage
 
 
-def _bbox(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+def bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+    """Slices of the smallest box holding every True voxel of a 3D mask, grown by `margin` voxels."""
     idx = [np.flatnonzero(mask.any(axis=tuple(j for j in range(3) if j != i))) for i in range(3)]
     return tuple(slice(max(0, a[0] - margin), min(n, a[-1] + 1 + margin)) for a, n in zip(idx, mask.shape))
 
@@ -83,7 +84,7 @@ class PostProcessor:
         from anomaseg.fastmedian import masked_median  # numba: imported when first needed
 
         out = np.zeros(anomaly_map.shape, np.float32)
-        box = _bbox(brain, max(self.median_size, 1))  # a margin >= 1: eroding the box = eroding the volume
+        box = bounding_box(brain, max(self.median_size, 1))  # a margin >= 1: eroding the box = eroding the volume
         sub = anomaly_map[box].astype(np.float32)
         keep = self.eroded(brain[box])
         if self.median_size > 1:
@@ -113,7 +114,7 @@ def remove_small_components(seg: np.ndarray, min_size: int) -> np.ndarray:
     the bounding box of the foreground only (components never leave it)."""
     if min_size <= 1 or not seg.any():
         return seg
-    box = _bbox(seg, 0)
+    box = bounding_box(seg, 0)
     labels, n = ndimage.label(seg[box], structure=np.ones((3, 3, 3), bool))
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
     keep = sizes >= min_size

@@ -23,8 +23,8 @@ from anomaseg.data.layout import find_cases
 from anomaseg.data.slices import CaseCache, PreparedCase, SliceSpec, prepare_cases
 from anomaseg.errors import InputError
 from anomaseg.inference import inference_batch_size, inference_copy
-from anomaseg.postprocess import PostProcessor
 from anomaseg.parallel import run_sharded, worker_device
+from anomaseg.postprocess import PostProcessor
 from anomaseg.predictors.base import Predictor, create_predictor, list_predictors
 from anomaseg.run import RunPaths, checkpoint_stamp, load_model, load_run_config, load_split
 from anomaseg.runtime import autocast, default_device, fabric_precision
