@@ -1,7 +1,7 @@
 """The denoising autoencoder (Kascenas et al. 2022) next to the spatial VAE and the intensity
-baseline, on the phantom, with the same wall-clock training budget.
+baseline, on the phantom, with the same training budget in CPU time.
 
-    .venv/bin/python benchmarks/bench_dae.py                  # ~45 min on an idle 2-core CPU
+    .venv/bin/python benchmarks/bench_dae.py                  # 6 runs of 300 CPU s of training + evaluation
     .venv/bin/python benchmarks/bench_dae.py --budget 120 --modalities flair   # a quick look
 
 For each modality set (FLAIR; FLAIR + T2) and model (`dae` at the paper's width, `dae` at half
@@ -9,7 +9,7 @@ width, `spatial_vae` with its preset), a short probe measures the model's traini
 per CPU second (slices per second of process time: bf16 autocast where the CPU runs it fast,
 channels_last, the loop's own training_step on random batches). CPU time, not wall time, because
 the machine is shared: a budget in CPU seconds buys each model the same computation whatever else
-runs (600 CPU s is ~5 minutes on an idle 2-core machine). The run then gets the number of steps
+runs (300 CPU s is ~2.5 minutes on an idle 2-core machine). The run then gets the number of steps
 that fit in `--budget` CPU seconds, in
 `--epochs` epochs of equal length (cosine learning rate over the run, best checkpoint on the
 held-out validation loss). Evaluation: `evaluate_dataset` (residual map, the run's preset
@@ -96,8 +96,8 @@ def probe_throughput(config: cfg.RunConfig, cpu_seconds: float = 20.0) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--budget", type=float, default=600.0, help="training CPU seconds per run (default 600)")
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--budget", type=float, default=300.0, help="training CPU seconds per run (default 300)")
+    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)

@@ -14,8 +14,9 @@ its brightest tissue; a FLAIR threshold is fooled by both, so these decide how m
   horns of the lateral ventricles, fading over 2-5 mm, and a fainter thin band along their bodies);
   ``choroid_plexus`` (a glomus in each atrium: enhancing on T1ce, GM-like on T1/T2, mixed on FLAIR);
   ``septum`` (the septum pellucidum, a ~1-3 mm tissue sheet between the frontal horns, absent from
-  the MNI152 maps); ``flow_artefacts`` (2-7 FLAIR-bright streaks (4-12 mm long) along the phase-encoding axis in the
-  third and fourth ventricles, basal cisterns and medial lateral ventricles: CSF pulsation);
+  the MNI152 maps); ``flow_artefacts`` (2-7 FLAIR-bright streaks, 8-24 mm long, along the
+  phase-encoding axis in the third and fourth ventricles, basal cisterns and medial lateral
+  ventricles: CSF pulsation);
   ``pv_rims`` (partial-volume CSF/tissue voxels brighter on FLAIR than either, strongly along the
   ventricles, a quarter as much at the sulci). Each varies per subject (thickness, brightness,
   position, count: see ``info["variants"]``).
@@ -28,8 +29,8 @@ its brightest tissue; a FLAIR threshold is fooled by both, so these decide how m
   MS, tumour, infarct and mass instead of MS and tumour.
 
 The realism features draw from their own random streams: without them every subject is the one of
-PHANTOM_VERSION (same seed, same volumes); with them, it is deterministic per seed as well. They cost
-~0.1-0.3 s per 2 mm subject (benchmarks/README.md).
+PHANTOM_VERSION (same seed, same volumes); with them, it is deterministic per seed as well. All of
+them cost about a quarter more time per subject (benchmarks/README.md, "Phantom realism").
 
 Output follows the project's data contract (BraTS-style case folders)::
 
@@ -305,7 +306,8 @@ def _ventricles(resolution: int) -> _Ventricles:
     dist[sub] = np.minimum(ndi.distance_transform_edt(~vent[sub], sampling=vox), 20.0)
     septum = (dist < 3.0) & (np.abs(x) < 4.0)[:, None, None] & (y > y_front - 40)[None, :, None]
     # flow: the third and fourth ventricles, the basal cisterns and the medial lateral ventricles
-    flow = (tpl.tissue[0] > 0.6) & (tpl.depth_mm > 18.0) & (np.abs(x) <= 12)[:, None, None] & (z <= 20)[None, None, :]
+    flow = ((tpl.tissue[0] > 0.6) & (tpl.depth_mm > 18.0) & (np.abs(x) <= 12)[:, None, None]
+            & (z <= 20)[None, None, :])
     return _Ventricles(distance_mm=_readonly(dist), septum_region=_readonly(septum),
                        flow_seeds=_readonly(np.flatnonzero(flow)), y_front_mm=y_front, y_back_mm=y_back,
                        atria=_readonly(np.array(atria)))
@@ -377,7 +379,7 @@ class PhantomSubject:
     tissue_box: np.ndarray = field(repr=False)  # (3, *box shape) CSF, GM, WM inside `box`
     box: tuple[slice, ...]  # the part of the volume that can hold brain (the rest is background)
     info: dict = field(default_factory=dict)  # families, lesion voxel counts, contrast draws
-    # realism's normal variants (never labelled): name -> (X, Y, Z) bool, where the variant weighs >= 0.5
+    # realism's normal variants (never labelled): name -> (X, Y, Z) bool, where the variant shows
     variants: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
