@@ -63,10 +63,14 @@ def _overrides(args) -> dict:
 
 
 def cmd_phantom(args) -> int:
-    from anomaseg.data.phantom import make_phantom
+    from anomaseg.data.phantom import make_phantom, realism_features
 
+    try:
+        realism = realism_features(args.realistic or False)
+    except ValueError as exc:
+        raise InputError(None, f"--realistic: {exc}") from None
     out = make_phantom(args.out, args.healthy, args.lesioned, seed=args.seed, resolution=args.resolution,
-                       progress=True)
+                       progress=True, realism=realism)
     print(f"phantom written to {args.out}: {len(out['train'])} healthy cases in {Path(args.out) / 'train'}, "
           f"{len(out['test'])} lesioned cases in {Path(args.out) / 'test'}")
     return 0
@@ -251,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lesioned", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=int, choices=[1, 2], default=2, help="voxel size in mm")
+    p.add_argument("--realistic", nargs="?", const="all", metavar="FEATURES",
+                   help="add FLAIR's normal hyperintensities (unlabelled) and lesions that are not the brightest "
+                        "tissue: every feature, or a comma-separated subset (see README, `anomaseg phantom`)")
     p.set_defaults(func=cmd_phantom)
 
     p = sub.add_parser("train", help="train a model on healthy cases")

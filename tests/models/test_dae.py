@@ -141,7 +141,7 @@ def test_trains_under_bf16_autocast_and_channels_last(channels, size):
     before = [p.detach().clone() for p in model.parameters()]
     logs = model.training_step(x, opts, lambda loss: loss.backward(),
                                lambda: torch.autocast("cpu", dtype=torch.bfloat16))
-    assert torch.isfinite(torch.tensor(logs["loss"]))
+    assert torch.isfinite(torch.as_tensor(logs["loss"]))
     assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
     model.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

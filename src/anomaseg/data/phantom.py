@@ -5,6 +5,33 @@ through its own random smooth deformation, rendered as T1, T1ce, T2 and FLAIR wi
 contrast jitter, a smooth bias field and Rician noise. Lesioned subjects additionally carry MS-like
 white-matter lesions and/or a tumour (necrotic core, enhancing rim, oedema) with a label map.
 
+Realism (off by default; ``make_phantom(..., realism=True)`` or ``anomaseg phantom --realistic``, or
+a subset of `REALISM` by name). Real FLAIR has bright tissue that is normal, and lesions that are not
+its brightest tissue; a FLAIR threshold is fooled by both, so these decide how methods rank.
+
+- Normal variants, in healthy and lesioned subjects alike, never labelled (``PhantomSubject.variants``
+  holds where they show): ``caps`` (FLAIR/T2-bright periventricular caps at the frontal and occipital
+  horns of the lateral ventricles, fading over 2-5 mm, and a fainter thin band along their bodies);
+  ``choroid_plexus`` (a glomus in each atrium: enhancing on T1ce, GM-like on T1/T2, mixed on FLAIR);
+  ``septum`` (the septum pellucidum, a ~1-3 mm tissue sheet between the frontal horns, absent from
+  the MNI152 maps); ``flow_artefacts`` (2-7 FLAIR-bright streaks, 8-24 mm long, along the
+  phase-encoding axis in the third and fourth ventricles, basal cisterns and medial lateral
+  ventricles: CSF pulsation);
+  ``pv_rims`` (partial-volume CSF/tissue voxels brighter on FLAIR than either, strongly along the
+  ventricles, a quarter as much at the sulci). Each varies per subject (thickness, brightness,
+  position, count: see ``info["variants"]``).
+- Lesions (labels 5-8): ``black_holes`` (in MS subjects, 30-60% of the lesion load is T1 black holes:
+  T1 dark, FLAIR only mildly above WM and below GM); ``infarcts`` (a lesion family: 1-2 chronic
+  infarcts, cortical-subcortical or lacunar, with a fluid core dark on FLAIR and a 2-4 mm FLAIR-bright
+  gliotic rim); ``isointense_masses`` (a lesion family: a solid mass near the cortex, within ~10% of
+  GM on every contrast, that pushes the anatomy aside with a stronger mass effect than the tumours).
+  With ``infarcts`` / ``isointense_masses`` the primary family of lesioned subjects cycles over
+  MS, tumour, infarct and mass instead of MS and tumour.
+
+The realism features draw from their own random streams: without them every subject is the one of
+PHANTOM_VERSION (same seed, same volumes); with them, it is deterministic per seed as well. All of
+them cost about a quarter more time per subject (benchmarks/README.md, "Phantom realism").
+
 Output follows the project's data contract (BraTS-style case folders)::
 
     out_dir/train/healthy_000/healthy_000_{t1,t1ce,t2,flair,mask}.nii.gz
@@ -47,11 +74,20 @@ from scipy.special import expit
 
 from anomaseg.atomic import atomic_path, write_text
 
-__all__ = ["LABELS", "MODALITIES", "TISSUE_INTENSITY", "LESION_INTENSITY", "make_phantom",
-           "make_subject", "PhantomSubject"]
+__all__ = ["LABELS", "MODALITIES", "TISSUE_INTENSITY", "LESION_INTENSITY", "REALISTIC_LESION_INTENSITY",
+           "NORMAL_VARIANTS", "REALISTIC_LESIONS", "REALISM", "make_phantom", "make_subject", "realism_features",
+           "PhantomSubject"]
 
-LABELS = {1: "ms_lesion", 2: "tumour_necrotic_core", 3: "tumour_oedema", 4: "tumour_enhancing_rim"}
+# Labels 1-4 occur in every phantom; 5-8 only with the realism features "black_holes", "infarcts"
+# and "isointense_masses" (see REALISM).
+LABELS = {1: "ms_lesion", 2: "tumour_necrotic_core", 3: "tumour_oedema", 4: "tumour_enhancing_rim",
+          5: "ms_black_hole", 6: "infarct_core", 7: "infarct_gliotic_rim", 8: "isointense_mass"}
 MODALITIES = ("t1", "t1ce", "t2", "flair")
+# Realism features (`make_phantom(..., realism=True)` turns on all): normal variants, never labelled,
+# in healthy and lesioned subjects alike; and lesions that are not the brightest tissue on FLAIR.
+NORMAL_VARIANTS = ("caps", "choroid_plexus", "septum", "flow_artefacts", "pv_rims")
+REALISTIC_LESIONS = ("black_holes", "infarcts", "isointense_masses")
+REALISM = NORMAL_VARIANTS + REALISTIC_LESIONS
 
 PHANTOM_VERSION = 1
 
@@ -74,8 +110,19 @@ LESION_INTENSITY = {
     "t2": {1: 700.0, 2: 950.0, 3: 720.0, 4: 600.0},
     "flair": {1: 900.0, 2: 450.0, 3: 880.0, 4: 800.0},
 }
+# Lesions of the realism features (drawn from their own random stream, so the default phantom keeps
+# its values). Black hole (5): T1 dark (between CSF and GM), T2 bright, FLAIR only mildly above WM
+# and below GM. Infarct core (6): fluid, like CSF on every contrast (dark on FLAIR). Gliotic rim (7):
+# FLAIR/T2 bright, mildly T1 dark. Isointense mass (8): within ~10% of GM on every contrast, found
+# by the anatomy it pushes aside (mass effect) rather than by its intensity.
+REALISTIC_LESION_INTENSITY = {
+    "t1": {5: 480.0, 6: 280.0, 7: 760.0, 8: 640.0},
+    "t1ce": {5: 500.0, 6: 290.0, 7: 770.0, 8: 680.0},
+    "t2": {5: 820.0, 6: 980.0, 7: 700.0, 8: 600.0},
+    "flair": {5: 630.0, 6: 210.0, 7: 870.0, 8: 650.0},
+}
 # Relative amplitude of the smooth multiplicative lesion texture, per label (FLAIR core: its own).
-_TEXTURE = {1: 0.04, 2: 0.12, 3: 0.05, 4: 0.08}
+_TEXTURE = {1: 0.04, 2: 0.12, 3: 0.05, 4: 0.08, 5: 0.05, 6: 0.08, 7: 0.06, 8: 0.06}
 _TEXTURE_FLAIR_CORE = 0.20
 
 _TISSUE_JITTER = 0.10
@@ -91,8 +138,19 @@ _SCALE_MAX = 0.05
 _TRANSLATE_MAX_MM = 4.0
 _MIN_LESION_FRACTION = 0.0025  # every lesioned subject has at least this fraction of brain labelled
 
+# Normal variants (all relative to the subject's own tissue intensities, see _draw_variants).
+_CAP_THICKNESS_MM = (2.0, 5.0)  # e-folding distance of the caps' brightness from the ventricle wall
+_CAP_FLAIR_GAIN = (0.5, 1.0)  # FLAIR at the ventricle wall: WM x (1 + gain) at the horns
+_BAND_FRACTION = 0.4  # along the ventricles' bodies: a band of this fraction of the caps' gain and thickness
+_SEPTUM_HALF_MM = (0.7, 1.4)  # Gaussian width of the septum pellucidum sheet
+_PV_FLAIR_GAIN = (0.2, 0.45)  # extra FLAIR signal at 50/50 CSF/tissue voxels by the ventricles, x WM
+_PV_CORTEX_FRACTION = 0.25  # ... and this fraction of it at CSF/tissue boundaries elsewhere
+_FLOW_STREAKS = (2, 7)
+_MASS_EFFECT_ISO = (0.35, 0.55)
+
 _MODALITY_STREAM = {m: 10 + i for i, m in enumerate(MODALITIES)}
 _STREAM_ANATOMY, _STREAM_LESION = 1, 2
+_STREAM_VARIANTS, _STREAM_REALISTIC_LESIONS = 3, 4  # used only with realism features
 _CASE_RE = re.compile(r"^(healthy|lesioned)_\d{3,}$")
 
 
@@ -199,6 +257,62 @@ def _template(resolution: int) -> _Template:
     )
 
 
+@dataclass(frozen=True)
+class _Ventricles:
+    """Where the normal variants live, in template space (built only when realism is asked for)."""
+
+    distance_mm: np.ndarray  # (X, Y, Z) float32: distance to the lateral ventricles, capped at 20 mm
+    septum_region: np.ndarray  # bool: midline between the frontal horns / bodies of the ventricles
+    flow_seeds: np.ndarray  # flat indices of deep CSF where flow artefacts start
+    y_front_mm: float  # anterior tip of the frontal horns (template y, mm)
+    y_back_mm: float  # posterior end of the occipital horns
+    atria: np.ndarray  # (2, 3) template voxel coordinates of the left and right atria
+
+
+@functools.lru_cache(maxsize=4)
+def _ventricles(resolution: int) -> _Ventricles:
+    """Lateral ventricles of the MNI152 tissue model and the landmarks of the normal variants.
+
+    The lateral ventricles are the largest connected body of deep CSF (CSF > 0.5, more than 12 mm
+    below the brain surface) inside a box around them (|x| <= 36, -60 <= y <= 34, -6 <= z <= 34 mm,
+    MNI): at 1 and 2 mm both ventricles form one body (the template has no septum, which is one of
+    the variants added). Frontal horns: the front 14 mm of it; occipital horns: the back 14 mm;
+    atria: the centroid of its voxels more than 18 mm from the midline in its back 16 mm.
+    """
+    tpl = _template(resolution)
+    vox = tpl.voxel_mm
+    a = tpl.affine
+    shape = tpl.brain.shape
+    x, y, z = (a[i, i] * np.arange(shape[i]) + a[i, 3] for i in range(3))
+    box = ((np.abs(x) <= 36)[:, None, None] & ((y >= -60) & (y <= 34))[None, :, None]
+           & ((z >= -6) & (z <= 34))[None, None, :])
+    deep_csf = (tpl.tissue[0] > 0.5) & (tpl.depth_mm > 12.0)
+    labels, n = ndi.label(deep_csf & box)
+    sizes = ndi.sum_labels(np.ones(shape), labels, np.arange(1, n + 1))
+    vent = labels == 1 + int(np.argmax(sizes))
+    pts = np.argwhere(vent)
+    mm = pts * np.diag(a)[:3] + a[:3, 3]
+    y_front, y_back = float(mm[:, 1].max()), float(mm[:, 1].min())
+    atria = []
+    for side in (-1, 1):
+        sel = (mm[:, 1] < y_back + 16) & (mm[:, 0] * side > 18)
+        atria.append(pts[sel].mean(0))
+    # distance to the ventricles, exact, inside a box 22 mm around them (capped outside)
+    pad = int(np.ceil(22 / vox))
+    lo = np.maximum(pts.min(0) - pad, 0)
+    hi = np.minimum(pts.max(0) + pad + 1, shape)
+    sub = tuple(slice(int(i), int(j)) for i, j in zip(lo, hi))
+    dist = np.full(shape, 20.0, np.float32)
+    dist[sub] = np.minimum(ndi.distance_transform_edt(~vent[sub], sampling=vox), 20.0)
+    septum = (dist < 3.0) & (np.abs(x) < 4.0)[:, None, None] & (y > y_front - 40)[None, :, None]
+    # flow: the third and fourth ventricles, the basal cisterns and the medial lateral ventricles
+    flow = ((tpl.tissue[0] > 0.6) & (tpl.depth_mm > 18.0) & (np.abs(x) <= 12)[:, None, None]
+            & (z <= 20)[None, None, :])
+    return _Ventricles(distance_mm=_readonly(dist), septum_region=_readonly(septum),
+                       flow_seeds=_readonly(np.flatnonzero(flow)), y_front_mm=y_front, y_back_mm=y_back,
+                       atria=_readonly(np.array(atria)))
+
+
 # ------------------------------------------------------------------------------ smooth fields
 
 
@@ -265,6 +379,8 @@ class PhantomSubject:
     tissue_box: np.ndarray = field(repr=False)  # (3, *box shape) CSF, GM, WM inside `box`
     box: tuple[slice, ...]  # the part of the volume that can hold brain (the rest is background)
     info: dict = field(default_factory=dict)  # families, lesion voxel counts, contrast draws
+    # realism's normal variants (never labelled): name -> (X, Y, Z) bool, where the variant shows
+    variants: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def tissue(self) -> np.ndarray:
@@ -367,7 +483,7 @@ def _output_box(tpl: _Template, warp: _Warp, margin: float) -> tuple[slice, slic
     return tuple(slice(int(i), int(j)) for i, j in zip(a, b))
 
 
-def _coordinates(warp: _Warp, box, tumour: _Tumour | None, vox: float) -> np.ndarray:
+def _coordinates(warp: _Warp, box, masses: list[_Tumour], vox: float) -> np.ndarray:
     """Template voxel coordinates (3, *box shape) float32 for every subject voxel in `box`."""
     ranges = [np.arange(s.start, s.stop, dtype=np.float32) for s in box]
     coords = _spline_field(warp.ctrl, ranges, warp.spacing)  # displacement d(x)
@@ -377,7 +493,9 @@ def _coordinates(warp: _Warp, box, tumour: _Tumour | None, vox: float) -> np.nda
         coords[a] += (m[a, 0] * ranges[0])[:, None, None]
         coords[a] += (m[a, 1] * ranges[1])[None, :, None]
         coords[a] += (m[a, 2] * ranges[2])[None, None, :] + base[a]
-    if tumour is not None and tumour.mass_effect > 0:
+    for tumour in masses:
+        if tumour.mass_effect <= 0:
+            continue
         # Mass effect: near the tumour, sample the template closer to the centre, which pushes the
         # surrounding anatomy outwards. Radial map r -> r (1 - a exp(-r^2 / 2 s^2)) is monotone for a < 1.
         sigma = 1.2 * tumour.radius_mm / vox  # voxels
@@ -413,19 +531,25 @@ def _ellipsoid_radius(rel, rotation: np.ndarray, axes_vox: np.ndarray) -> np.nda
     return np.sqrt(r2)
 
 
-def _tumour_memberships(rng, tumour: _Tumour, vox: float, wm, csf, mask):
-    """Soft memberships (core, tumour = core + rim, oedema >= tumour) as box-local arrays."""
-    axes_vox = tumour.axes_mm / vox
-    half = tumour.oedema_extent * axes_vox.max() * (1 + 2.5 * tumour.irregularity) + 3
-    box, rel = _lesion_box(tumour.centre, half, mask.shape)
-    r = _ellipsoid_radius(rel, tumour.rotation, axes_vox)
-    # Irregular outline: the radius is modulated by smooth noise (B-spline, ~R/1.5 spacing).
-    spacing = max(tumour.radius_mm / 1.5 / vox, 2.0)
+def _irregular_radius(rng, blob: _Tumour, vox: float, extent: float, shape):
+    """(box, r): the normalised radius of `blob`'s ellipsoid (1 on its surface) on a box reaching
+    `extent` times its largest axis, its outline modulated by smooth noise (B-spline, ~R/1.5 spacing)."""
+    axes_vox = blob.axes_mm / vox
+    half = extent * axes_vox.max() * (1 + 2.5 * blob.irregularity) + 3
+    box, rel = _lesion_box(blob.centre, half, shape)
+    r = _ellipsoid_radius(rel, blob.rotation, axes_vox)
+    spacing = max(blob.radius_mm / 1.5 / vox, 2.0)
     shape = tuple(len(x) for x in rel)
     ctrl = rng.standard_normal((1,) + tuple(_n_ctrl(n, spacing) for n in shape))
     noise = _spline_field(ctrl, [np.arange(n, dtype=np.float32) for n in shape], spacing)[0]
     noise /= max(float(noise.std()), 1e-6)
-    r /= 1 + tumour.irregularity * np.clip(noise, -2.5, 2.5)
+    r /= 1 + blob.irregularity * np.clip(noise, -2.5, 2.5)
+    return box, r
+
+
+def _tumour_memberships(rng, tumour: _Tumour, vox: float, wm, csf, mask):
+    """Soft memberships (core, tumour = core + rim, oedema >= tumour) as box-local arrays."""
+    box, r = _irregular_radius(rng, tumour, vox, tumour.oedema_extent, mask.shape)
     sharp = np.float32(tumour.radius_mm / 1.0)  # edge width ~1 mm
     m_tum = expit((1 - r) * sharp)
     m_core = expit((tumour.core_fraction - r) * sharp)
@@ -466,35 +590,243 @@ def _add_ms_lesions(rng, ms, cand_idx, cand_w, vox, conf, target_voxels: int, n_
     return n
 
 
+# ---------------------------------------------------------------------------------------- realism
+
+
+def realism_features(realism) -> tuple[str, ...]:
+    """True / "all" -> every feature; False / None -> none; else names (a list or "a,b"), in REALISM order."""
+    if realism is True or realism == "all":
+        return REALISM
+    if realism is False or realism is None:
+        return ()
+    if isinstance(realism, str):
+        realism = [f.strip() for f in realism.split(",") if f.strip()]
+    wanted = set(realism)
+    unknown = sorted(wanted - set(REALISM))
+    if unknown:
+        raise ValueError(f"unknown realism feature(s) {', '.join(unknown)}; known: {', '.join(REALISM)}")
+    return tuple(f for f in REALISM if f in wanted)
+
+
+def _feature_rng(seed: int, index: int, lesioned: bool, feature: str) -> np.random.Generator:
+    """Each realism feature draws from its own stream: turning one on or off changes no other."""
+    return np.random.default_rng([int(seed), int(index), int(bool(lesioned)), _STREAM_VARIANTS,
+                                  REALISM.index(feature)])
+
+
+def _template_mm(tpl: _Template, coords: np.ndarray, axis: int) -> np.ndarray:
+    """Template world coordinate (mm) along `axis` of template voxel coordinates (3, ...)."""
+    a = tpl.affine.astype(np.float32)
+    return a[axis, 0] * coords[0] + a[axis, 1] * coords[1] + a[axis, 2] * coords[2] + a[axis, 3]
+
+
+def _nearest_lookup(volume: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    idx = [np.clip(np.rint(coords[a]).astype(np.intp), 0, volume.shape[a] - 1) for a in range(3)]
+    return volume[idx[0], idx[1], idx[2]]
+
+
+@dataclass
+class _Variants:
+    """Normal variants of one subject: box-local weights and the intensities they bring."""
+
+    caps: np.ndarray | None = None  # strength in [0, 1] of the periventricular cap / band
+    replace: list = field(default_factory=list)  # (name, weight, {modality: intensity or field}): tissue in CSF
+    pv: np.ndarray | None = None  # partial-volume rim strength in [0, 1]
+    gains: dict = field(default_factory=dict)  # per-modality gains of caps / pv (x the subject's WM)
+    masks: dict = field(default_factory=dict)  # name -> box-local bool: where the variant shows
+    info: dict = field(default_factory=dict)
+
+    def term(self, mod: str, tissue_i: np.ndarray) -> np.ndarray | None:
+        """Signal to add for modality `mod` (subject tissue intensities `tissue_i` = CSF, GM, WM)."""
+        c, _, w = (np.float32(v) for v in tissue_i)
+        out = None
+
+        def add(x):
+            nonlocal out
+            out = x if out is None else out + x
+
+        if self.caps is not None:
+            add(self.caps * np.float32(self.gains["caps"][mod] * w))
+        if self.pv is not None and mod == "flair":
+            add(self.pv * np.float32(self.gains["pv_rims"] * w))
+        for _, weight, intensity in self.replace:
+            value = intensity.get(mod)
+            if value is not None:
+                add(weight * (value(tissue_i) - c))
+        return out
+
+
+def _draw_variants(features, seed, index, lesioned, tpl: _Template, warp: _Warp, coords, box, csf, gm, wm):
+    """The normal variants asked for in `features`, drawn for one subject (see `make_phantom`)."""
+    vox = tpl.voxel_mm
+    vent = _ventricles(int(round(vox)))
+    v = _Variants()
+    origin = np.array([s.start for s in box], float)
+    if "caps" in features:
+        rng = _feature_rng(seed, index, lesioned, "caps")
+        thickness, gain = rng.uniform(*_CAP_THICKNESS_MM), rng.uniform(*_CAP_FLAIR_GAIN)
+        # contrast of the caps relative to their WM on each sequence (FLAIR gain drawn above)
+        t2_ratio, t1_ratio = rng.uniform(0.5, 0.8), rng.uniform(0.1, 0.25)
+        near = (wm > 0.05) & (_nearest_lookup(vent.distance_mm, coords) < 20.0)
+        pts = coords[:, near]
+        # distance from the ventricle wall (the distance map is to the centres of CSF voxels)
+        d = np.maximum(ndi.map_coordinates(vent.distance_mm, pts, order=1, mode="nearest", prefilter=False)
+                       - np.float32(vox / 2), 0)
+        y = _template_mm(tpl, pts, 1)
+        # caps at the frontal and occipital horns; a thinner, fainter band along the bodies
+        horn = np.maximum(expit((y - np.float32(vent.y_front_mm - 14.0)) / np.float32(3.0)),
+                          expit((np.float32(vent.y_back_mm + 14.0) - y) / np.float32(3.0)))
+        level = _BAND_FRACTION + (1 - _BAND_FRACTION) * horn
+        strength = level * np.exp(-d / (np.float32(thickness) * level))
+        v.caps = np.zeros(wm.shape, np.float32)
+        v.caps[near] = strength * wm[near]
+        v.masks["caps"] = (v.caps >= 0.5 * _BAND_FRACTION) & (wm > 0.5)
+        v.gains["caps"] = {"flair": gain, "t2": gain * t2_ratio, "t1": -gain * t1_ratio, "t1ce": -gain * t1_ratio}
+        v.info["caps"] = {"thickness_mm": round(float(thickness), 2), "flair_gain": round(float(gain), 3)}
+    csf_left = csf.copy()  # variants that put tissue into CSF share what CSF there is
+    if "septum" in features:
+        rng = _feature_rng(seed, index, lesioned, "septum")
+        half = rng.uniform(*_SEPTUM_HALF_MM)
+        flair_r, t2_r = rng.uniform(1.0, 1.2), rng.uniform(1.05, 1.3)
+        region = (csf > 0.05) & _nearest_lookup(vent.septum_region, coords)
+        x = _template_mm(tpl, coords[:, region], 0)
+        weight = np.zeros(csf.shape, np.float32)
+        weight[region] = np.exp(-0.5 * (x / np.float32(half)) ** 2) * csf_left[region]
+        csf_left -= weight
+        v.masks["septum"] = weight >= 0.5
+        # thin tissue (white-matter like: fornix fibres, glia) between the frontal horns
+        v.replace.append(("septum", weight, {"t1": lambda t: np.float32(0.92 * t[2]),
+                                             "t1ce": lambda t: np.float32(0.92 * t[2]),
+                                             "t2": lambda t: np.float32(t2_r * t[2]),
+                                             "flair": lambda t: np.float32(flair_r * t[2])}))
+        v.info["septum"] = {"half_width_mm": round(float(half), 2)}
+    if "choroid_plexus" in features:
+        rng = _feature_rng(seed, index, lesioned, "choroid_plexus")
+        weight = np.zeros(csf.shape, np.float32)
+        texture = np.zeros(csf.shape, np.float32)
+        for centre_tpl in vent.atria:
+            blob = _Tumour(centre_tpl=centre_tpl + rng.normal(0, 2.0 / vox, 3), radius_mm=0.0,
+                           axes_mm=np.array([rng.uniform(2.5, 4.5), rng.uniform(4.0, 8.0), rng.uniform(2.5, 4.5)]),
+                           rotation=np.eye(3), core_fraction=0.0, oedema_extent=1.0,
+                           irregularity=rng.uniform(0.1, 0.2), mass_effect=0.0)
+            blob.radius_mm = float(blob.axes_mm.max())
+            blob.centre = _invert_warp(warp, blob.centre_tpl) - origin
+            sub, r = _irregular_radius(rng, blob, vox, 1.0, csf.shape)
+            m = expit((1 - r) * np.float32(blob.radius_mm / 0.8)) * csf_left[sub]
+            weight[sub] = np.maximum(weight[sub], m)
+            inside = m > 0.01  # mixed: the centre brighter or darker than the edge (cyst or tissue)
+            texture[sub][inside] = np.float32(rng.choice([-1.0, 1.0])) * (1 - 2 * r[inside])
+        csf_left -= weight
+        v.masks["choroid_plexus"] = weight >= 0.5
+        t1ce_r, flair_r, t2_r = rng.uniform(1.25, 1.6), rng.uniform(0.7, 1.6), rng.uniform(1.0, 1.4)
+        texture = np.clip(texture, -1.0, 1.0)
+        # enhancing (T1ce bright), GM-like on T1/T2, mixed on FLAIR (part cyst, part tissue)
+        v.replace.append(("choroid_plexus", weight, {
+            "t1": lambda t: np.float32(0.95 * t[1]),
+            "t1ce": lambda t: np.float32(t1ce_r * t[2]),
+            "t2": lambda t: np.float32(t2_r * t[1]),
+            "flair": lambda t: np.float32(flair_r * t[2]) * (1 + np.float32(0.25) * texture)}))
+        v.info["choroid_plexus"] = {"t1ce_ratio": round(float(t1ce_r), 3), "flair_ratio": round(float(flair_r), 3)}
+    if "flow_artefacts" in features:
+        rng = _feature_rng(seed, index, lesioned, "flow_artefacts")
+        n = int(rng.integers(_FLOW_STREAKS[0], _FLOW_STREAKS[1] + 1))
+        seeds = rng.choice(vent.flow_seeds, size=n)
+        weight = np.zeros(csf.shape, np.float32)
+        for flat in seeds:
+            centre = _invert_warp(warp, np.array(np.unravel_index(flat, tpl.brain.shape), float)) - origin
+            # streaks along y: the phase-encoding direction of an axial scan, where pulsation ghosts
+            axes = np.array([rng.uniform(1.5, 3.0), rng.uniform(4.0, 12.0), rng.uniform(2.0, 4.0)]) / vox
+            sub, rel = _lesion_box(centre, axes.max() + 2, csf.shape)
+            r = _ellipsoid_radius(rel, np.eye(3), axes)
+            m = expit((1 - r) * np.float32(4.0)) * np.float32(rng.uniform(0.8, 1.0)) * csf_left[sub]
+            weight[sub] = np.maximum(weight[sub], m)
+        csf_left -= weight
+        v.masks["flow_artefacts"] = weight >= 0.5
+        flair_r = rng.uniform(1.0, 2.0)
+        v.replace.append(("flow_artefacts", weight, {"flair": lambda t: np.float32(flair_r * t[2])}))
+        v.info["flow_artefacts"] = {"streaks": n, "flair_ratio": round(float(flair_r), 3)}
+    if "pv_rims" in features:
+        rng = _feature_rng(seed, index, lesioned, "pv_rims")
+        # voxels that mix CSF and tissue (after the variants that fill CSF), strongest around the
+        # ventricles (ependyma); at the cortex's sulci a fraction of it
+        mix = np.clip(4 * csf_left * (1 - csf_left) * (csf + gm + wm), 0, 1)
+        ventricular = _nearest_lookup(vent.distance_mm, coords) < 6.0
+        v.pv = mix * np.where(ventricular, np.float32(1.0), np.float32(_PV_CORTEX_FRACTION))
+        v.masks["pv_rims"] = v.pv >= 0.5
+        v.gains["pv_rims"] = rng.uniform(*_PV_FLAIR_GAIN)
+        v.info["pv_rims"] = {"flair_gain": round(float(v.gains["pv_rims"]), 3)}
+    return v
+
+
+def _draw_mass(rng: np.random.Generator, tpl: _Template, avoid: _Tumour | None) -> _Tumour:
+    """An isointense mass: solid, irregular, with strong mass effect, centred in the white matter
+    under the cortex (so it borders grey matter of its own intensity on one side)."""
+    radius = rng.uniform(12.0, 22.0)
+    ok = (tpl.tissue[2] > 0.5) & (tpl.depth_mm >= 0.6 * radius) & (tpl.depth_mm <= radius + 4.0)
+    cand = np.argwhere(ok).astype(float)
+    if avoid is not None:  # keep clear of the other tumour
+        far = np.linalg.norm(cand - avoid.centre_tpl, axis=1) * tpl.voxel_mm > 1.3 * (radius + avoid.radius_mm)
+        cand = cand[far] if far.any() else cand
+    centre = cand[rng.integers(len(cand))] + rng.uniform(-0.5, 0.5, 3)
+    return _Tumour(centre_tpl=centre, radius_mm=radius, axes_mm=radius * rng.uniform(0.8, 1.2, 3),
+                   rotation=_random_rotation(rng), core_fraction=0.0, oedema_extent=1.0,
+                   irregularity=rng.uniform(0.05, 0.12), mass_effect=rng.uniform(*_MASS_EFFECT_ISO))
+
+
+def _draw_infarct(rng: np.random.Generator, tpl: _Template, cortical: bool) -> tuple[_Tumour, float]:
+    """A chronic infarct (blob, gliotic rim width 2-4 mm): cortical-subcortical (centred in cortex,
+    7-15 mm) or lacunar (deep grey or white matter, 3-7 mm)."""
+    if cortical:
+        radius = rng.uniform(7.0, 15.0)
+        ok = (tpl.tissue[1] > 0.5) & (tpl.depth_mm >= 3.0) & (tpl.depth_mm <= 12.0)
+    else:
+        radius = rng.uniform(3.0, 7.0)
+        ok = (tpl.tissue[0] < 0.2) & (tpl.brain > 0.9) & (tpl.depth_mm > 30.0)
+    cand = np.flatnonzero(ok)
+    centre = np.array(np.unravel_index(cand[rng.integers(cand.size)], tpl.brain.shape), float)
+    blob = _Tumour(centre_tpl=centre + rng.uniform(-0.5, 0.5, 3), radius_mm=radius,
+                   axes_mm=radius * rng.uniform(0.7, 1.3, 3), rotation=_random_rotation(rng),
+                   core_fraction=0.0, oedema_extent=1.0, irregularity=rng.uniform(0.1, 0.2), mass_effect=0.0)
+    return blob, rng.uniform(2.0, 4.0)
+
+
 def make_subject(index: int, lesioned: bool, seed: int = 0, resolution: int = 2,
-                 modalities: Iterable[str] = MODALITIES) -> PhantomSubject:
+                 modalities: Iterable[str] = MODALITIES, realism=False) -> PhantomSubject:
     """Synthesise one subject in memory; `make_phantom` writes exactly this for case `index`."""
     modalities = _check_modalities(modalities)
+    features = realism_features(realism)
     tpl = _template(int(resolution))
     vox = tpl.voxel_mm
     shape = tpl.brain.shape
     rng_anat = _rng(seed, index, lesioned, _STREAM_ANATOMY)
     rng_les = _rng(seed, index, lesioned, _STREAM_LESION)
+    rng_real = _rng(seed, index, lesioned, _STREAM_REALISTIC_LESIONS)
 
     families: list[str] = []
-    tumour = None
+    tumour = mass = None
     if lesioned:
-        # Alternate the primary family so any two consecutive lesioned subjects cover both;
-        # a quarter of subjects also get the other one.
-        primary = ("ms", "tumour")[(int(seed) + int(index)) % 2]
+        # Alternate the primary family so any consecutive lesioned subjects cover all families;
+        # a quarter of subjects also get another one.
+        pool = ["ms", "tumour"] + [fam for fam, feature in (("infarct", "infarcts"), ("mass", "isointense_masses"))
+                                   if feature in features]
+        primary = pool[(int(seed) + int(index)) % len(pool)]
         families = [primary]
         if rng_les.random() < 0.25:
-            families.append("tumour" if primary == "ms" else "ms")
+            others = [fam for fam in pool if fam != primary]
+            families.append(others[0] if len(others) == 1 else others[int(rng_real.integers(len(others)))])
         if "tumour" in families:
             tumour = _draw_tumour(rng_les, tpl)
+        if "mass" in families:
+            mass = _draw_mass(rng_real, tpl, tumour)
 
     warp = _draw_warp(rng_anat, tpl)
     margin = warp.bound
-    if tumour is not None:
-        tumour.centre = _invert_warp(warp, tumour.centre_tpl)
-        margin += tumour.mass_effect * 1.2 * tumour.radius_mm / vox
+    masses = [m for m in (tumour, mass) if m is not None]
+    for m in masses:
+        m.centre = _invert_warp(warp, m.centre_tpl)
+        margin += m.mass_effect * 1.2 * m.radius_mm / vox
     box = _output_box(tpl, warp, margin)
-    coords = _coordinates(warp, box, tumour, vox)
+    coords = _coordinates(warp, box, masses, vox)
 
     # The one resampling: linear for GM, WM and the brain fraction; CSF = brain - GM - WM exactly,
     # since interpolation is linear and the template's maps sum to its brain fraction.
@@ -516,6 +848,9 @@ def make_subject(index: int, lesioned: bool, seed: int = 0, resolution: int = 2,
     mask = brain > 0.5
     maskf = mask.astype(np.float32)
     n_brain = int(mask.sum())
+    variants = None
+    if any(f in NORMAL_VARIANTS for f in features):
+        variants = _draw_variants(features, seed, index, lesioned, tpl, warp, coords, box, csf, gm, wm)
 
     # ------------------------------------------------------------------ lesions (box-local arrays)
     seg = None
@@ -544,8 +879,49 @@ def make_subject(index: int, lesioned: bool, seed: int = 0, resolution: int = 2,
             info["tumour"] = {"centre_mm": [round(float(v), 2) for v in centre_world[:3]],
                               "radius_mm": round(float(tumour.radius_mm), 2)}
 
+        # lesions of the realism features: labelled where their membership passes 0.5 (not over
+        # labels placed before); their weights take the place of the tissue
+        n_realistic = 0
+
+        def place(label: int, weight_of_rest: np.ndarray, sub, labelled: np.ndarray) -> int:
+            w = weight_of_rest * w_tissue[sub]
+            w_tissue[sub] -= w
+            lesion_terms.append((label, w, sub))
+            seg_sub = seg[sub]
+            new = labelled & (seg_sub == 0)
+            seg_sub[new] = label
+            return int(new.sum())
+
+        origin = np.array([s.start for s in box])
+        if mass is not None:
+            mass.centre = mass.centre - origin
+            mbox, r = _irregular_radius(rng_real, mass, vox, 1.0, brain.shape)
+            m = expit((1 - r) * np.float32(mass.radius_mm / 1.5)) * maskf[mbox]  # edge width ~1.5 mm
+            n_realistic += place(8, m, mbox, m > 0.5)
+            centre_world = tpl.affine @ np.append(mass.centre + origin, 1.0)
+            info["isointense_mass"] = {"centre_mm": [round(float(v), 2) for v in centre_world[:3]],
+                                       "radius_mm": round(float(mass.radius_mm), 2),
+                                       "mass_effect": round(float(mass.mass_effect), 3)}
+        if "infarct" in families:
+            info["infarcts"] = []
+            for k in range(1 + int(rng_real.random() < 0.5)):
+                cortical = k == 0 and rng_real.random() < 0.7
+                blob, rim_mm = _draw_infarct(rng_real, tpl, cortical)
+                blob.centre = _invert_warp(warp, blob.centre_tpl) - origin
+                ibox, r = _irregular_radius(rng_real, blob, vox, 1 + rim_mm / blob.radius_mm, brain.shape)
+                sharp = np.float32(blob.radius_mm / 0.7)  # edge width ~0.7 mm
+                m_core = expit((1 - r) * sharp) * maskf[ibox]
+                m_all = expit((1 + np.float32(rim_mm / blob.radius_mm) - r) * sharp) * maskf[ibox]
+                tissue_frac = np.clip(1 - csf[ibox], 0, 1)
+                m_rim = (m_all - m_core) * tissue_frac  # gliosis forms in tissue, not in the sulci
+                n_realistic += place(6, m_core, ibox, m_core > 0.5)
+                n_realistic += place(7, m_rim / np.maximum(1 - m_core, 1e-3), ibox,
+                                     (m_all > 0.5) & (m_core <= 0.5) & (tissue_frac > 0.5))
+                info["infarcts"].append({"kind": "cortical" if cortical else "lacunar",
+                                         "radius_mm": round(float(blob.radius_mm), 2), "rim_mm": round(float(rim_mm), 2)})
+
         need_ms = "ms" in families
-        deficit = int(np.ceil(_MIN_LESION_FRACTION * n_brain)) - n_tumour
+        deficit = int(np.ceil(_MIN_LESION_FRACTION * n_brain)) - n_tumour - n_realistic
         if need_ms or deficit > 0:
             if not need_ms:
                 families.append("ms")  # tumour clipped by the brain edge: top up with MS lesions
@@ -555,6 +931,8 @@ def make_subject(index: int, lesioned: bool, seed: int = 0, resolution: int = 2,
             ok = (wm > 0.5) & mask
             if m_oed_full is not None:
                 ok &= m_oed_full < 0.05
+            if n_realistic:
+                ok &= w_tissue > 0.95
             cand = np.flatnonzero(ok)
             tc = np.rint(coords.reshape(3, -1)[:, cand]).astype(np.intp)
             for a in range(3):
@@ -567,6 +945,10 @@ def make_subject(index: int, lesioned: bool, seed: int = 0, resolution: int = 2,
                 n_min = 3
             else:
                 target, n_min = deficit, 1
+            black_holes = 0
+            if need_ms and "black_holes" in features:  # a part of the MS lesion load is T1 black holes
+                black_holes = int(rng_real.uniform(0.3, 0.6) * target)
+                target -= black_holes
             conf = maskf * np.clip(1 - csf, 0, 1)
             n_ms = _add_ms_lesions(rng_les, ms, cand, weights, vox, conf, target, n_min)
             info["n_ms_lesions"] = n_ms
@@ -574,7 +956,13 @@ def make_subject(index: int, lesioned: bool, seed: int = 0, resolution: int = 2,
             seg[ms_label] = 1
             w_ms = ms * w_tissue
             w_tissue -= w_ms
-            lesion_terms.append((1, w_ms, tuple(slice(None) for _ in range(3))))
+            everywhere = tuple(slice(None) for _ in range(3))
+            lesion_terms.append((1, w_ms, everywhere))
+            if black_holes:
+                bh = np.zeros(brain.shape, np.float32)
+                info["n_black_holes"] = _add_ms_lesions(rng_real, bh, cand, weights, vox, conf * (1 - ms),
+                                                        black_holes, 2)
+                place(5, bh, everywhere, bh > 0.5)
 
         # one smooth texture field shared by all lesion classes (tissue heterogeneity)
         tspacing = _TEXTURE_SPACING_MM / vox
@@ -595,6 +983,10 @@ def make_subject(index: int, lesioned: bool, seed: int = 0, resolution: int = 2,
         del lesion_terms, flat_index
 
     # ------------------------------------------------------------------------------ contrasts
+    realistic_i = {}
+    if lesioned and any(f in REALISTIC_LESIONS for f in features):  # drawn for all modalities: same subject
+        realistic_i = {mod: {k: v * rng_real.uniform(1 - _LESION_JITTER, 1 + _LESION_JITTER)
+                             for k, v in sorted(REALISTIC_LESION_INTENSITY[mod].items())} for mod in MODALITIES}
     images: dict[str, np.ndarray] = {}
     ranges = [np.arange(s.start, s.stop, dtype=np.float32) for s in box]
     jitters: dict[str, dict] = {}
@@ -603,6 +995,7 @@ def make_subject(index: int, lesioned: bool, seed: int = 0, resolution: int = 2,
         tissue_i = np.array(TISSUE_INTENSITY[mod]) * rng.uniform(1 - _TISSUE_JITTER, 1 + _TISSUE_JITTER, 3)
         lesion_i = {k: v * rng.uniform(1 - _LESION_JITTER, 1 + _LESION_JITTER)
                     for k, v in sorted(LESION_INTENSITY[mod].items())}
+        lesion_i.update(realistic_i.get(mod, {}))
         sigma = rng.uniform(*_NOISE_SIGMA) * tissue_i[2]
         # smooth multiplicative bias field exp(b), b a coarse B-spline (60 mm control spacing)
         bspacing = _BIAS_SPACING_MM / vox
@@ -620,6 +1013,10 @@ def make_subject(index: int, lesioned: bool, seed: int = 0, resolution: int = 2,
                 amp = _TEXTURE_FLAIR_CORE if (mod == "flair" and label == 2) else _TEXTURE[label]
                 # lesion intensity x (1 + amp x texture), blended by the lesion's weight
                 flat[idx] += np.float32(lesion_i[label]) * (a + np.float32(amp) * a_tex)
+        if variants is not None:
+            extra = variants.term(mod, tissue_i)
+            if extra is not None:
+                signal += extra if w_tissue is None else extra * w_tissue
         signal *= bias
         # Rician noise: |signal + complex Gaussian|. Where the signal is 0 (background) that is a
         # Rayleigh variable, drawn from one uniform instead of two normals (same distribution).
@@ -647,8 +1044,17 @@ def make_subject(index: int, lesioned: bool, seed: int = 0, resolution: int = 2,
         info["lesion_voxels"] = {name: int((full_seg == k).sum()) for k, name in LABELS.items()}
     info["brain_voxels"] = n_brain
     info["contrast"] = jitters
+    variant_masks = {}
+    if features:
+        info["realism"] = list(features)
+    if variants is not None:
+        info["variants"] = variants.info
+        for name, m in variants.masks.items():
+            full = np.zeros(shape, bool)
+            full[box] = m
+            variant_masks[name] = full
     return PhantomSubject(images=images, mask=full_mask, seg=full_seg, affine=np.array(tpl.affine),
-                          info=info, tissue_box=np.stack([csf, gm, wm]), box=box)
+                          info=info, tissue_box=np.stack([csf, gm, wm]), box=box, variants=variant_masks)
 
 
 # ---------------------------------------------------------------------------------------- writing
@@ -702,13 +1108,15 @@ def _remove_stale_files(case_dir: Path, written: set[str]) -> None:
 
 
 def make_phantom(out_dir, n_healthy: int, n_lesioned: int, seed: int = 0, resolution: int = 2,
-                 modalities=MODALITIES, progress: bool = False) -> dict:
+                 modalities=MODALITIES, progress: bool = False, realism=False) -> dict:
     """Write a phantom dataset; return {"train": [case dirs], "test": [case dirs]} (pathlib.Path).
 
     `n_healthy` healthy subjects go to ``out_dir/train`` (no seg), `n_lesioned` lesioned subjects to
     ``out_dir/test`` (with ``<case>_seg.nii.gz``, labels per `LABELS`). `resolution` is the
     MNI152 voxel size in mm (2: 99x117x95, 1: 197x233x189). The same seed gives the same arrays;
     an existing phantom in `out_dir` is overwritten and phantom cases it no longer contains removed.
+    `realism`: False (default: the phantom of PHANTOM_VERSION, unchanged), True (every feature of
+    `REALISM`) or some of their names; see the module docstring.
     """
     n_healthy, n_lesioned, seed, resolution = int(n_healthy), int(n_lesioned), int(seed), int(resolution)
     if n_healthy < 0 or n_lesioned < 0:
@@ -718,6 +1126,7 @@ def make_phantom(out_dir, n_healthy: int, n_lesioned: int, seed: int = 0, resolu
     if resolution < 1:
         raise ValueError(f"resolution must be a positive number of mm, got {resolution}")
     modalities = _check_modalities(modalities)
+    features = realism_features(realism)
     out_dir = Path(out_dir)
     jobs = [("train", f"healthy_{i:03d}", i, False) for i in range(n_healthy)]
     jobs += [("test", f"lesioned_{i:03d}", i, True) for i in range(n_lesioned)]
@@ -733,7 +1142,8 @@ def make_phantom(out_dir, n_healthy: int, n_lesioned: int, seed: int = 0, resolu
         for k, (split, case, index, lesioned) in enumerate(jobs):
             if progress:
                 print(f"phantom: {case} ({k + 1}/{len(jobs)})", file=sys.stderr, flush=True)
-            subject = make_subject(index, lesioned, seed=seed, resolution=resolution, modalities=modalities)
+            subject = make_subject(index, lesioned, seed=seed, resolution=resolution, modalities=modalities,
+                                   realism=features)
             for f in pending:
                 f.result()  # re-raises a failed write
             case_dir = out_dir / split / case
@@ -763,6 +1173,10 @@ def make_phantom(out_dir, n_healthy: int, n_lesioned: int, seed: int = 0, resolu
         },
         "cases": cases,
     }
+    if features:
+        meta["realism"] = list(features)
+        meta["intensities"]["realistic_lesion"] = {
+            m: {LABELS[k]: v for k, v in d.items()} for m, d in REALISTIC_LESION_INTENSITY.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "phantom.json", json.dumps(meta, indent=2) + "\n")
     return result

@@ -178,7 +178,9 @@ class DenoisingAE(AnomalyModel):
                                           weight_decay=self.weight_decay)}
 
     def training_step(self, x: torch.Tensor, optimizers: dict, backward: Callable[[torch.Tensor], None],
-                      autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, float]:
+                      autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, torch.Tensor]:
+        """Adds coarse noise to the healthy batch `x`, trains towards the clean `x` (see the module
+        docstring); returns the loss terms as detached tensors, as `AnomalyModel.training_step`."""
         opt = optimizers["model"]
         noisy = self.add_noise(x)
         with autocast():
@@ -189,7 +191,7 @@ class DenoisingAE(AnomalyModel):
         if self.grad_clip is not None and not scaled_grads:
             nn.utils.clip_grad_norm_(self.parameters(), self.grad_clip)
         opt.step()
-        return {k: float(v.detach()) for k, v in losses.items()}
+        return {k: v.detach() for k, v in losses.items()}
 
     @torch.no_grad()
     def validation_losses(self, x: torch.Tensor) -> dict[str, float]:
