@@ -22,6 +22,12 @@ calibration as an uninterrupted run of the same seed, bit for bit on the CPU in 
   previous checkpoint and rewrites the same files;
 - checkpoints are written under a temporary name and renamed; the replaced last.pt is kept as
   last.prev.pt and resume falls back to it if last.pt is damaged (`run.load_resume_checkpoint`).
+
+Not bit for bit: a run resumed on another number of processes (another split of each batch);
+and, untested, a run whose training step `torch.compile` compiles (`train.compile` on, or auto on
+long runs): compiled kernels round differently from eager ones, so the steps an uninterrupted auto
+run times eagerly before deciding differ; a resumed auto run keeps the decision its checkpoint
+records (`resumed_compile_mode`) instead of timing eager steps again.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import torch
 from anomaseg import config as cfg
 from anomaseg import distributed
 from anomaseg.atomic import atomic_path, write_text
-from anomaseg.compilation import StepCompiler
+from anomaseg.compilation import StepCompiler, compile_mode
 from anomaseg.data.layout import find_cases
 from anomaseg.data import store
 from anomaseg.data.slices import CaseCache
@@ -236,7 +242,7 @@ class Trainer:
         model = fabric.to_device(model)
         distributed.broadcast_([*model.parameters(), *model.buffers()])  # one starting point everywhere
         optimizers = model.make_optimizers(c.train.lr, tuple(c.train.betas))
-        self.compiler = StepCompiler(model, c.train.compile, fabric.autocast, fabric.print)
+        self.compiler = StepCompiler(model, resumed_compile_mode(c.train.compile, state), fabric.autocast, fabric.print)
         if state is not None:  # after moving the model, so the optimiser state lands on the parameters' device
             for k, opt in optimizers.items():
                 opt.load_state_dict(state["optimizers"][k])
@@ -409,7 +415,7 @@ class Trainer:
         state = {"hparams": self.hparams, "model": model.state_dict(), "epoch": epoch, "step_in_epoch": step,
                  "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
                  "history": history, "best_val": best_val, "config": self.config.to_dict(),
-                 "epoch_sums": sums, "world_size": fabric.world_size}
+                 "epoch_sums": sums, "world_size": fabric.world_size, "compiled": compile_decision(self.compiler)}
         self.paths.last.parent.mkdir(parents=True, exist_ok=True)
         if best:
             save_checkpoint(self.paths.best, {k: state[k] for k in ("hparams", "model", "epoch", "best_val", "config")})
@@ -423,6 +429,20 @@ class Trainer:
             recon = model(to_batch(shown)).recon.float().cpu()
         model.train()
         _write_png(self.paths.samples / f"epoch_{epoch:03d}.png", _sample_grid(shown.float(), recon))
+
+
+def compile_decision(compiler: StepCompiler) -> bool | None:
+    """Whether the run decided to train compiled (True), eagerly (False), or has not decided (None)."""
+    return {"compiled": True, "checking": True, "pending": True, "eager": False}.get(compiler.state)
+
+
+def resumed_compile_mode(mode, state: dict | None):
+    """`train.compile` for a resumed run: an "auto" run keeps the decision it had taken, so it goes
+    on with the same (compiled or eager) kernels instead of timing eager steps again."""
+    decided = state.get("compiled") if state else None
+    if compile_mode(mode) != "auto" or decided is None:
+        return mode
+    return "on" if decided else "off"
 
 
 def _gather_sums(sums: dict, world: int) -> list[dict[str, float]]:
