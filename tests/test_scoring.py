@@ -1,11 +1,10 @@
 import json
-import os
 
 import pytest
 
 from anomaseg import scoring
 from anomaseg.cli import main
-from anomaseg.run import RunPaths
+from anomaseg.run import RunPaths, load_checkpoint, save_checkpoint
 from conftest import tiny_train_args
 
 
@@ -21,9 +20,13 @@ def test_calibration_is_reused_until_the_checkpoint_changes(healthy_dir, tmp_pat
     monkeypatch.setattr(scoring.Scorer, "fit", refit)
     scorer = scoring.calibrate(run, progress=False)  # same checkpoint: read from calibration.json
     assert scorer.post.threshold_ == stored["threshold"]
-    # a new scoring checkpoint (e.g. training resumed through the library, which does not
-    # calibrate) makes the stored calibration stale
+    # the stamp is the weights' digest: the same weights written again keep the calibration...
     best = RunPaths(run).best
-    os.utime(best, ns=(best.stat().st_atime_ns, best.stat().st_mtime_ns + 10**9))
+    state = load_checkpoint(best)
+    save_checkpoint(best, state)
+    scoring.calibrate(run, progress=False)
+    # ...new weights (e.g. training resumed through the library, which does not calibrate) make it stale
+    state["model"]["encoder.0.weight"] += 1e-3
+    save_checkpoint(best, state)
     with pytest.raises(AssertionError, match="calibrated again"):
         scoring.calibrate(run, progress=False)

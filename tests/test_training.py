@@ -77,3 +77,12 @@ def test_cosine_schedule_is_stateless_and_decays_to_zero():
     lrs = [training.scheduled_lr(1e-3, "cosine", s, 100) for s in range(101)]
     assert lrs[0] == 1e-3 and lrs[-1] < 1e-12 and all(a >= b for a, b in zip(lrs, lrs[1:]))
     assert training.scheduled_lr(1e-3, "constant", 50, 100) == 1e-3
+
+
+def test_a_resumed_auto_run_keeps_its_compile_decision():
+    assert training.resumed_compile_mode("auto", {"compiled": True}) == "on"
+    assert training.resumed_compile_mode("auto", {"compiled": False}) == "off"
+    assert training.resumed_compile_mode("auto", {"compiled": None}) == "auto"  # had not decided yet
+    assert training.resumed_compile_mode("auto", None) == "auto"
+    assert training.resumed_compile_mode("off", {"compiled": True}) == "off"  # an explicit setting wins
+    assert training.resumed_compile_mode(True, {"compiled": False}) is True

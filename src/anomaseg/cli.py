@@ -23,6 +23,11 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["auto", "bf16", "32", "16"],
                    help="auto = bf16 autocast where the CPU/GPU runs it fast, else fp32")
     p.add_argument("--seed", type=int)
+    p.add_argument("--devices", type=int, help="training processes per machine (devices: CPU processes or GPUs), "
+                                               "default 1; --batch-size is the global batch")
+    p.add_argument("--num-nodes", type=int, help="machines (with torchrun or SLURM, see the README), default 1")
+    p.add_argument("--strategy", choices=["auto", "ddp"], help="auto: one process, or ddp for several")
+    p.add_argument("--accelerator", choices=["auto", "cpu", "gpu", "cuda", "mps"], help="default auto")
     p.add_argument("--config", help="YAML preset (see configs/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set model.params.beta=4 (repeatable)")
@@ -49,7 +54,8 @@ def _overrides(args) -> dict:
     o: dict = {}
     pairs = [("model", ("model", "name")), ("epochs", ("train", "epochs")), ("batch_size", ("train", "batch_size")),
              ("lr", ("train", "lr")), ("image_size", ("data", "image_size")), ("precision", ("train", "precision")),
-             ("seed", ("train", "seed"))]
+             ("seed", ("train", "seed")), ("devices", ("train", "devices")), ("num_nodes", ("train", "num_nodes")),
+             ("strategy", ("train", "strategy")), ("accelerator", ("train", "accelerator"))]
     for attr, (section, key) in pairs:
         if getattr(args, attr, None) is not None:
             o.setdefault(section, {})[key] = getattr(args, attr)
@@ -80,7 +86,7 @@ def cmd_train(args) -> int:
     from anomaseg import config as cfg
     from anomaseg.run import RunPaths
     from anomaseg.scoring import calibrate
-    from anomaseg.training import train
+    from anomaseg.training import LAUNCH_KEYS, seed_phase, train
 
     overrides = _overrides(args)
     if args.resume and RunPaths(Path(args.out)).config.exists():
@@ -95,7 +101,11 @@ def cmd_train(args) -> int:
         config.train_dir = str(Path(args.data).resolve())
     cfg.check_model_and_predictor(config)
     _check_precision(config.train.precision)
-    summary = train(config, args.out, resume=args.resume, epochs=args.epochs if args.resume else None)
+    launch = {k: getattr(args, k) for k in LAUNCH_KEYS} if args.resume else None  # may change on resume
+    summary = train(config, args.out, resume=args.resume, epochs=args.epochs if args.resume else None, launch=launch)
+    if summary["global_rank"] != 0:  # the other training processes of a multi-process run end here
+        return 0
+    seed_phase(config.train.seed, "calibration")  # a calibration repeated after a kill draws the same
     scorer = calibrate(args.out, force=True)
     print(f"trained {config.model.name}: best validation loss {summary['best_val_loss']:.4g}; "
           f"{scorer.predictor.name} threshold {scorer.post.threshold_:.4g} "

@@ -38,11 +38,14 @@ class DataConfig:
     brain_mask: str = "auto"  # cases without a mask file: auto | nonzero | derived | file (data/brainmask.py)
     bids_derivatives: list[str] = field(default_factory=list)  # BIDS training data: pipelines with masks
     bids_select: list[str] = field(default_factory=list)  # BIDS training data: participants.tsv conditions
+    slice_store: str = "auto"  # training slices: memory | disk (a .npy in the cache) | auto (disk when large)
 
     def __post_init__(self):
         self.slice_spec()  # validates image size, modalities, percentiles and the brain mask rule early
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.slice_store not in ("auto", "memory", "disk"):
+            raise ValueError(f"slice_store must be auto, memory or disk, got {self.slice_store!r}")
 
     def bids_query(self):
         from anomaseg.data.bids import BidsQuery
@@ -61,6 +64,10 @@ class ModelConfig:
     params: dict = field(default_factory=dict)  # constructor keywords, e.g. {beta: 4}
 
 
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+STRATEGIES = ("auto", "ddp")
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 30
@@ -74,6 +81,13 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     max_steps_per_epoch: int | None = None
+    # mid-epoch checkpoints: every this many optimiser steps; null = every 5 minutes (CHECKPOINT_SECONDS)
+    checkpoint_every_steps: int | None = None
+    # processes (Lightning Fabric): devices per machine x num_nodes machines; batch_size is the global batch
+    accelerator: str = "auto"  # auto | cpu | gpu | cuda | mps
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto (one process, or ddp for several) | ddp
 
     def __post_init__(self):
         if self.lr_schedule not in ("cosine", "constant"):
@@ -90,6 +104,17 @@ class TrainConfig:
         from anomaseg.compilation import compile_mode
 
         compile_mode(self.compile)
+        if self.checkpoint_every_steps is not None and self.checkpoint_every_steps < 1:
+            raise ValueError(f"checkpoint_every_steps must be >= 1 or null, got {self.checkpoint_every_steps}")
+        if self.accelerator not in ACCELERATORS:
+            raise ValueError(f"accelerator must be one of {', '.join(ACCELERATORS)}, got {self.accelerator!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.devices < 1 or self.num_nodes < 1:
+            raise ValueError(f"devices and num_nodes must be >= 1, got {self.devices} and {self.num_nodes}")
+        if self.batch_size % (self.devices * self.num_nodes):
+            raise ValueError(f"batch_size {self.batch_size} (the global batch) must be divisible by the "
+                             f"{self.devices * self.num_nodes} processes (devices x num_nodes)")
 
 
 @dataclass

@@ -23,6 +23,7 @@ from anomaseg.data.layout import find_cases
 from anomaseg.data.slices import CaseCache, PreparedCase, SliceSpec, prepare_cases
 from anomaseg.errors import InputError
 from anomaseg.inference import inference_batch_size, inference_copy
+from anomaseg.faults import kill_point
 from anomaseg.parallel import run_sharded, worker_device
 from anomaseg.postprocess import PostProcessor
 from anomaseg.predictors.base import Predictor, create_predictor, list_predictors
@@ -169,6 +170,7 @@ def calibrate(run_dir: str | Path, predictor: str | None = None, params: dict | 
                                             f"fitted: the run's healthy training data is unusable ({exc})") from None
     prepared = prepare_cases(cases, config.data.slice_spec(), cache_for(config), progress, "preparing calibration cases")
     scorer.fit(prepared, progress)
+    kill_point("calibration")
     store[key] = {"predictor": name, "params": params, "checkpoint": stamp, "predictor_state": pred.fitted_state(),
                   "postprocess": vars_of(post_settings), "threshold": scorer.post.threshold_,
                   "healthy_fpr": config.score.healthy_fpr, "calibration_cases": ids,

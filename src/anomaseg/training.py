@@ -3,35 +3,66 @@
 Each model supplies its own optimisers and step (`AnomalyModel.make_optimizers`,
 `AnomalyModel.training_step`); this loop only feeds batches, re-estimates BatchNorm statistics for
 eval mode after each epoch, validates on held-out healthy cases, writes checkpoints atomically and
-resumes. Batches come from a per-epoch seeded permutation, so a
-run interrupted mid-epoch resumes at the batch after its last checkpoint.
+resumes.
+
+Kill anywhere, resume to the same result. A run killed at any moment and continued with
+`--resume` ends with the same weights, history (but for the wall-clock `slices_per_second`) and
+calibration as an uninterrupted run of the same seed, bit for bit on the CPU in fp32, because:
+
+- every random draw is a pure function of (seed, phase, epoch, step, rank): before each training
+  step, BatchNorm re-estimation, validation and sample rendering, the torch, numpy and python
+  generators (and any `torch.Generator` a model keeps as an attribute) are re-seeded from those
+  numbers (`seed_phase`), so a resumed process draws what the uninterrupted one drew, with no RNG
+  state to save; batches come from a per-epoch seeded permutation;
+- mid-epoch checkpoints (every `train.checkpoint_every_steps` steps, else every CHECKPOINT_SECONDS)
+  store the step reached and the epoch's running loss sums, so the resumed epoch continues at the
+  next batch and its history record averages over the whole epoch;
+- an epoch ends in a fixed order, each step repeatable: history.json and the sample PNG, then
+  best.pt, then last.pt (the commit point); a kill before last.pt redoes the epoch's end from the
+  previous checkpoint and rewrites the same files;
+- checkpoints are written under a temporary name and renamed; the replaced last.pt is kept as
+  last.prev.pt and resume falls back to it if last.pt is damaged (`run.load_resume_checkpoint`).
+
+Not bit for bit: a run resumed on another number of processes (another split of each batch);
+and, untested, a run whose training step `torch.compile` compiles (`train.compile` on, or auto on
+long runs): compiled kernels round differently from eager ones, so the steps an uninterrupted auto
+run times eagerly before deciding differ; a resumed auto run keeps the decision its checkpoint
+records (`resumed_compile_mode`) instead of timing eager steps again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import random
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from anomaseg import config as cfg
+from anomaseg import distributed
 from anomaseg.atomic import atomic_path, output_lock, write_text
-from anomaseg.compilation import StepCompiler
+from anomaseg.compilation import StepCompiler, compile_mode
 from anomaseg.data.layout import find_cases
-from anomaseg.data.slices import CaseCache, prepare_cases, training_slices
+from anomaseg.data import store
+from anomaseg.data.slices import CaseCache
 from anomaseg.errors import InputError
 from anomaseg.models import create_model
+from anomaseg.faults import kill_point
 from anomaseg.models.base import recalibrate_batchnorm
-from anomaseg.run import RunPaths, load_checkpoint, load_run_config
+from anomaseg.run import RunPaths, load_resume_checkpoint, load_run_config, save_checkpoint, weights_digest
 from anomaseg.runtime import fabric_precision
 
 CHECKPOINT_SECONDS = 300  # also checkpoint mid-epoch after this long, so long epochs can resume
 BN_BATCHES = 32  # training batches used to re-estimate BatchNorm statistics after each epoch
 PROGRESS_EVERY = 10  # steps between progress-bar loss updates (each one waits for the device)
+TIMED_CHECKPOINT_SYNC_STEPS = 16  # several processes agree on a timed checkpoint every this many steps
+PHASES = ("train", "bn", "validation", "samples", "calibration")  # independent random streams
 
 
 def split_cases(case_ids: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -64,9 +95,25 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _save(path: Path, state: dict) -> None:
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(state, tmp)
+def model_generators(model: torch.nn.Module) -> list[tuple[str, torch.Generator]]:
+    """The `torch.Generator`s a model keeps as attributes of its modules (e.g. for its own noise)."""
+    return [(f"{prefix}.{attr}" if prefix else attr, value)
+            for prefix, module in model.named_modules()
+            for attr, value in vars(module).items() if isinstance(value, torch.Generator)]
+
+
+def seed_phase(seed: int, phase: str, epoch: int = 0, step: int = 0, rank: int = 0,
+               model: torch.nn.Module | None = None) -> None:
+    """Re-seed torch, numpy, python and the model's own generators from (seed, phase, epoch, step,
+    rank): what a phase draws never depends on what ran before it in the process, so a resumed run
+    draws exactly what the uninterrupted run drew (and each process of a multi-process run its own)."""
+    words = np.random.SeedSequence([seed, PHASES.index(phase), epoch, step, rank]).generate_state(4)
+    torch.manual_seed(int(words[0]) << 32 | int(words[1]))
+    np.random.seed(int(words[2]))
+    random.seed(int(words[3]))
+    for name, gen in model_generators(model) if model is not None else ():
+        entropy = [seed, PHASES.index(phase), epoch, step, rank, zlib.crc32(name.encode())]
+        gen.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]))
 
 
 def _sample_grid(images: torch.Tensor, recons: torch.Tensor) -> np.ndarray:
@@ -86,18 +133,43 @@ def _write_png(path: Path, array: np.ndarray) -> None:
 
 
 class Trainer:
-    """Trains `config.model` on the healthy cases of `config.train_dir` into `run_dir`."""
+    """Trains `config.model` on the healthy cases of `config.train_dir` into `run_dir`.
 
-    def __init__(self, config: cfg.RunConfig, run_dir: str | Path, progress: bool = True,
-                 accelerator: str = "auto", devices: int | str = 1):
+    With several processes (`train.devices` x `train.num_nodes`, Fabric's "ddp" launch), every
+    process trains on its share of each global batch (`train.batch_size`), gradients are averaged at
+    each optimiser step (`distributed.AveragedGradients`), and after each epoch every process
+    re-estimates the BatchNorm statistics on the same batches and takes rank 0's buffers, so all
+    processes hold identical models (checked every epoch). Rank 0 alone writes the run folder.
+    """
+
+    def __init__(self, config: cfg.RunConfig, run_dir: str | Path, progress: bool = True):
         self.config = config
         self.paths = RunPaths(Path(run_dir))
         self.progress = progress
-        self.accelerator = accelerator
-        self.devices = devices
 
     # ----------------------------------------------------------------------------- set-up
-    def _prepare_data(self):
+    def _launch(self):
+        """Start Fabric: on one machine with devices > 1 it starts the other processes, which run
+        the same command line; under torchrun or SLURM they already exist."""
+        import logging
+
+        from lightning.fabric import Fabric
+
+        for name in ("lightning.fabric", "lightning.pytorch"):  # we print the precision ourselves
+            logging.getLogger(name).setLevel(logging.WARNING)
+        t = self.config.train
+        on_gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
+        self.precision = fabric_precision(t.precision, "cuda" if on_gpu else "cpu")
+        several = t.devices * t.num_nodes > 1
+        strategy = "ddp" if several or t.strategy == "ddp" else "auto"
+        fabric = Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
+                        precision=self.precision)
+        fabric.launch()
+        return fabric
+
+    def _prepare_data(self, processes_per_machine: int = 1):
+        """The split and the training / validation slices (`data.store`: in memory, or a slice store
+        on disk for large sets). Cases are prepared one at a time, so memory holds one case."""
         c = self.config
         if not c.train_dir:
             raise InputError(None, "no training data given (--data)")
@@ -112,174 +184,312 @@ class Trainer:
         if missing:
             raise InputError(c.train_dir, f"cases of this run's split are missing: {', '.join(missing[:5])}")
         spec, cache = c.data.slice_spec(), cache_for(c)
-        train_cases = prepare_cases([by_id[i] for i in split["train"]], spec, cache, self.progress, "preparing training cases")
-        val_cases = prepare_cases([by_id[i] for i in split["val"]], spec, cache, self.progress, "preparing validation cases")
-        labelled = [p.case_id for p in train_cases + val_cases if p.truth is not None and p.truth.any()]
+        train = store.survey([by_id[i] for i in split["train"]], spec, cache, self.progress, "preparing training cases")
+        val = store.survey([by_id[i] for i in split["val"]], spec, cache, self.progress, "preparing validation cases")
+        labelled = train.anomalous + val.anomalous
         if labelled:
             raise InputError(c.train_dir, f"training data must be healthy, but cases {', '.join(labelled[:3])} "
                                           "have anomalous voxels in their segmentation")
-        return split, training_slices(train_cases), (training_slices(val_cases) if val_cases else None)
+        if train.n == 0:
+            raise InputError(c.train_dir, "no training slices: every slice has too little brain (see data.min_brain_fraction)")
+        mode = store.choose_storage(c.data.slice_store, train.nbytes + val.nbytes, processes_per_machine, cache)
+        val_x = store.load_slices(val, cache, mode, self.progress) if val.n else None
+        return split, store.load_slices(train, cache, mode, self.progress), val_x
 
-    # ----------------------------------------------------------------------------- loop
-    def fit(self, resume: bool = False) -> dict:
-        import logging
+    def _prepare_data_once(self, fabric):
+        """`_prepare_data` on the first process of each machine, then on the others (which read what
+        it cached); an input error of the first stops every process with its message."""
+        local = max(1, fabric.world_size // self.config.train.num_nodes)  # processes on this machine
+        if fabric.world_size == 1:
+            return self._prepare_data()
+        result, problem = None, None
+        if fabric.local_rank == 0:
+            try:
+                result = self._prepare_data(local)
+            except InputError as exc:
+                problem = (exc.path, exc.problem)
+        problems: list = [None] * fabric.world_size
+        torch.distributed.all_gather_object(problems, problem)
+        first = next((p for p in problems if p is not None), None)
+        if first is not None:
+            raise InputError(*first)
+        return result if result is not None else self._prepare_data(local)
 
-        from lightning.fabric import Fabric
-        from tqdm.auto import tqdm
-
-        for name in ("lightning.fabric", "lightning.pytorch"):  # we print the precision ourselves
-            logging.getLogger(name).setLevel(logging.WARNING)
-
-        c, paths = self.config, self.paths
-        start_epoch, start_step, state = 0, 0, None
-        if paths.last.exists():
+    def _resume_state(self, resume: bool, announce: bool) -> dict | None:
+        """The checkpoint to continue from (None: start afresh); refuses to overwrite a run unasked."""
+        paths = self.paths
+        if paths.last.exists() or paths.last_previous.exists():
             if not resume:
                 raise InputError(paths.root, "run folder already holds a training run: pass --resume to "
                                              "continue it, or choose another --out")
-            state = load_checkpoint(paths.last)
-            start_epoch, start_step = state["epoch"], state.get("step_in_epoch", 0)
-        elif resume and not paths.config.exists():
+            state, used, error = load_resume_checkpoint(paths)
+            if error is not None and announce:
+                print(f"warning: {error}; resuming from {used.name} instead")
+            return state
+        if resume and not paths.config.exists():
             raise InputError(paths.root, "nothing to resume: no checkpoint in this run folder")
+        return None
 
-        _seed_all(c.train.seed + start_epoch)
-        split, train_x, val_x = self._prepare_data()
-        paths.root.mkdir(parents=True, exist_ok=True)
-        cfg.save(c, paths.config)
-        write_text(paths.split, json.dumps(split, indent=1))
-
-        precision = fabric_precision(c.train.precision, "cuda" if torch.cuda.is_available() and self.accelerator != "cpu" else "cpu")
-        fabric = Fabric(accelerator=self.accelerator, devices=self.devices, precision=precision)
-        fabric.launch()
-        in_channels, size = train_x.shape[1], train_x.shape[-1]
+    def _setup_model(self, fabric, state, in_channels: int, size: int):
+        c = self.config
+        _seed_all(c.train.seed)  # weight initialisation
         model = create_model(c.model.name, in_channels=in_channels, image_size=size, **c.model.params)
-        hparams = model.hparams
-        memory_format = torch.channels_last if c.train.channels_last else torch.contiguous_format
-        model = model.to(memory_format=memory_format)
+        self.hparams = model.hparams
+        model = model.to(memory_format=self.memory_format)
         if state is not None:
             model.load_state_dict(state["model"])
+        # The model stays a plain module (no strategy wrapper): every model's own `training_step` runs
+        # its forward and backward passes; Fabric supplies devices, precision and the optimisers, and
+        # several processes average gradients at each optimiser step (see `distributed`).
+        model = fabric.to_device(model)
+        distributed.broadcast_([*model.parameters(), *model.buffers()])  # one starting point everywhere
         optimizers = model.make_optimizers(c.train.lr, tuple(c.train.betas))
-        names = list(optimizers)
-        compiler = StepCompiler(model, c.train.compile, fabric.autocast, fabric.print)
-        model, *opts = fabric.setup(model, *optimizers.values())
-        optimizers = dict(zip(names, opts))
-        if state is not None:  # after setup, so the optimiser state lands on the parameters' device
+        self.compiler = StepCompiler(model, resumed_compile_mode(c.train.compile, state), fabric.autocast, fabric.print)
+        if state is not None:  # after moving the model, so the optimiser state lands on the parameters' device
             for k, opt in optimizers.items():
                 opt.load_state_dict(state["optimizers"][k])
+        wrapped = fabric.setup_optimizers(*optimizers.values())
+        wrapped = wrapped if len(optimizers) > 1 else [wrapped]
+        if fabric.world_size > 1:
+            wrapped = [distributed.AveragedGradients(o) for o in wrapped]
+        return model, dict(zip(optimizers, wrapped))
 
+    # ----------------------------------------------------------------------------- loop
+    def fit(self, resume: bool = False) -> dict:
+        from tqdm.auto import tqdm
+
+        c, paths = self.config, self.paths
+        fabric = self._launch()
+        rank, world, main = fabric.global_rank, fabric.world_size, fabric.is_global_zero
+        self.progress = self.progress and main
+        state = self._resume_state(resume, announce=main)
+        start_epoch, start_step = (state["epoch"], state.get("step_in_epoch", 0)) if state else (0, 0)
+        split, train_x, val_x = self._prepare_data_once(fabric)
+        if main:
+            paths.root.mkdir(parents=True, exist_ok=True)
+            for stale in paths.last.parent.glob(".*.tmp.pt"):  # a checkpoint write a kill interrupted
+                stale.unlink(missing_ok=True)
+            cfg.save(c, paths.config)
+            write_text(paths.split, json.dumps(split, indent=1))
+            if state is not None:  # a kill between history.json and last.pt left a record ahead of the checkpoint
+                write_text(paths.history, json.dumps(state["history"], indent=1))
+
+        self.memory_format = torch.channels_last if c.train.channels_last else torch.contiguous_format
+        model, optimizers = self._setup_model(fabric, state, train_x.channels, train_x.size)
+        compiler = self.compiler
         history = state["history"] if state else []
         best_val = state["best_val"] if state else math.inf
-        bs = min(c.train.batch_size, len(train_x))
+        bs = min(c.train.batch_size, len(train_x) // world * world)  # the global batch
         steps = len(train_x) // bs
         if c.train.max_steps_per_epoch:
             steps = min(steps, c.train.max_steps_per_epoch)
-        shown = val_x[torch.linspace(0, len(val_x) - 1, min(8, len(val_x))).long()] if val_x is not None else train_x[:8]
+        shown_from = val_x if val_x is not None else train_x
+        shown = shown_from.read(torch.linspace(0, len(shown_from) - 1, min(8, len(shown_from))).long())
         fabric.print(f"training {c.model.name} ({sum(p.numel() for p in model.parameters()):,} parameters) on "
                      f"{len(train_x)} slices of {len(split['train'])} cases, validating on "
                      f"{0 if val_x is None else len(val_x)} slices of {len(split['val'])} held-out cases; "
-                     f"precision {precision}")
+                     f"precision {self.precision}" + (f"; {world} processes, {bs // world} slices each per batch"
+                                                      if world > 1 else ""))
 
         def to_batch(t):
-            return fabric.to_device(t.float()).contiguous(memory_format=memory_format)
+            return fabric.to_device(t.float()).contiguous(memory_format=self.memory_format)
 
+        every = c.train.checkpoint_every_steps
         summary = {}
-        last_save = time.monotonic()
+        self._last_save = time.monotonic()
         for epoch in range(start_epoch, c.train.epochs):
             model.train()
             gen = torch.Generator().manual_seed(c.train.seed * 100_003 + epoch)
             perm = torch.randperm(len(train_x), generator=gen)
             first = start_step if epoch == start_epoch else 0
-            sums: dict[str, torch.Tensor | float] = {}  # summed where the logs live: no device sync per step
+            sums = _restore_sums(state.get("epoch_sums"), rank, world) if state is not None and first else {}
             t0 = time.perf_counter()
+            shares = [perm[s * bs:(s + 1) * bs][rank::world].numpy() for s in range(first, steps)]
+            loader = store.batches(train_x, shares, c.train.num_workers, pin_memory=fabric.device.type == "cuda")
             with tqdm(range(first, steps), desc=f"epoch {epoch + 1}/{c.train.epochs}", unit="batch",
-                      disable=not (self.progress and fabric.is_global_zero), leave=False) as bar:
-                for step in bar:
+                      disable=not (self.progress and main), leave=False) as bar:
+                for step, batch in zip(bar, loader):
+                    seed_phase(c.train.seed, "train", epoch, step, rank, model)
                     lr = scheduled_lr(c.train.lr, c.train.lr_schedule, epoch * steps + step, c.train.epochs * steps)
                     for opt in optimizers.values():
                         for group in opt.param_groups:
                             group["lr"] = lr
-                    idx = perm[step * bs:(step + 1) * bs][fabric.global_rank::fabric.world_size]
-                    x = to_batch(train_x[idx])
+                    x = to_batch(batch)
                     compiler.before_step(x)
                     started = time.perf_counter()
                     logs = model.training_step(x, optimizers, fabric.backward, fabric.autocast)
                     compiler.after_step(started, (c.train.epochs - epoch) * steps - step - 1)
-                    for k, v in logs.items():
+                    for k, v in logs.items():  # summed where the logs live: no device sync per step
                         sums[k] = sums.get(k, 0.0) + v
                     if not bar.disable and (step - first) % PROGRESS_EVERY == 0:
                         bar.set_postfix(loss=f"{float(logs['loss']):.4g}", refresh=False)
-                    if time.monotonic() - last_save > CHECKPOINT_SECONDS and step + 1 < steps:
-                        self._checkpoint(fabric, model, optimizers, hparams, epoch, step + 1, history, best_val)
-                        last_save = time.monotonic()
+                    kill_point("train_step", epoch=epoch + 1, step=step + 1, rank=rank)
+                    if step + 1 < steps and self._checkpoint_due(epoch * steps + step + 1, every, world):
+                        self._checkpoint(fabric, model, optimizers, epoch, step + 1, history, best_val, epoch_sums=sums)
             if fabric.device.type == "cuda":  # the epoch's time includes the work still queued on the GPU
                 torch.cuda.synchronize(fabric.device)
             seconds = time.perf_counter() - t0
             with compiler.eager():
-                self._recalibrate(model, train_x, bs, to_batch, epoch)
-            done = max(1, steps - first)
-            record = {"epoch": epoch + 1, **{f"train_{k}": float(v) / done for k, v in sums.items()},
-                      "slices_per_second": done * bs / seconds}
+                self._recalibrate(fabric, model, train_x, bs, to_batch, epoch)
+            sums = _mean_over_processes(sums, world)
+            record = {"epoch": epoch + 1, **{f"train_{k}": v / steps for k, v in sums.items()},
+                      "slices_per_second": (steps - first) * bs / seconds}
             if val_x is not None:
                 with compiler.eager():
-                    record.update({f"val_{k}": v for k, v in self._validate(fabric, model, val_x, bs, to_batch).items()})
+                    record.update({f"val_{k}": v for k, v in self._validate(fabric, model, val_x, bs, to_batch, epoch).items()})
             history.append(record)
             val_loss = record.get("val_loss", record.get("train_loss", math.inf))
             improved = val_loss < best_val
             best_val = min(best_val, val_loss)
-            self._checkpoint(fabric, model, optimizers, hparams, epoch + 1, 0, history, best_val, best=improved)
-            last_save = time.monotonic()
-            if fabric.is_global_zero:
+            if main:
                 write_text(paths.history, json.dumps(history, indent=1))
                 with compiler.eager():
-                    self._write_samples(model, shown, to_batch, epoch + 1)
+                    self._write_samples(fabric, model, shown, to_batch, epoch + 1)
+            kill_point("epoch_outputs", epoch=epoch + 1, rank=rank)
+            self._checkpoint(fabric, model, optimizers, epoch + 1, 0, history, best_val, best=improved)
             fabric.print(f"epoch {epoch + 1}/{c.train.epochs}: " + ", ".join(
                 f"{k} {v:.4g}" for k, v in record.items() if k != "epoch") + (" (best)" if improved else ""))
             summary = record
-        return {"history": history, "best_val_loss": best_val, **summary}
+        if world > 1:
+            fabric.barrier()
+        return {"history": history, "best_val_loss": best_val, "global_rank": rank, **summary}
 
-    def _recalibrate(self, model, train_x, bs, to_batch, epoch) -> None:
+    def _checkpoint_due(self, global_step: int, every: int | None, world: int) -> bool:
+        if every:
+            return global_step % every == 0
+        due = time.monotonic() - self._last_save > CHECKPOINT_SECONDS
+        if world == 1:
+            return due
+        if global_step % TIMED_CHECKPOINT_SYNC_STEPS:  # processes agree on rank 0's clock now and then
+            return False
+        flag = torch.tensor([float(due)])
+        distributed.broadcast_([flag])
+        return bool(flag.item())
+
+    def _recalibrate(self, fabric, model, train_x, bs, to_batch, epoch) -> None:
         """Precise BatchNorm statistics for eval mode (see `recalibrate_batchnorm`), from up to
-        BN_BATCHES training batches, before validating and checkpointing."""
+        BN_BATCHES training batches, before validating and checkpointing. Every process uses the same
+        batches, then all take rank 0's buffers (also those of layers the pass does not reach, e.g. a
+        discriminator's), so the model is the same everywhere (checked)."""
+        seed_phase(self.config.train.seed, "bn", epoch, model=model)
         gen = torch.Generator().manual_seed(self.config.train.seed * 7919 + epoch)
         idx = torch.randperm(len(train_x), generator=gen)[:BN_BATCHES * bs]
-        recalibrate_batchnorm(model, (to_batch(train_x[idx[i:i + bs]]) for i in range(0, len(idx), bs)))
+
+        def batches():
+            for n, i in enumerate(range(0, len(idx), bs)):
+                if n == 1:
+                    kill_point("bn_recalibration", epoch=epoch + 1, rank=fabric.global_rank)
+                yield to_batch(train_x.read(idx[i:i + bs]))
+
+        recalibrate_batchnorm(model, batches())
+        if fabric.world_size > 1:
+            distributed.broadcast_(list(model.buffers()))
+            odd = distributed.disagreeing_ranks(weights_digest(model.state_dict()))
+            if odd:
+                raise RuntimeError(f"after epoch {epoch + 1}, processes {odd} hold another model than rank 0")
 
     @torch.no_grad()
-    def _validate(self, fabric, model, val_x, bs, to_batch) -> dict[str, float]:
+    def _validate(self, fabric, model, val_x, bs, to_batch, epoch) -> dict[str, float]:
+        """Validation losses averaged over the held-out slices. Every process validates all of them
+        (the models are identical, so are the results): no communication, and a validation loss
+        that does not depend on the number of processes."""
+        seed_phase(self.config.train.seed, "validation", epoch, model=model)
         model.eval()
         sums: dict[str, float] = {}
-        n = 0
         for i in range(0, len(val_x), bs):
-            x = to_batch(val_x[i:i + bs])
+            x = to_batch(val_x.read(np.arange(i, min(i + bs, len(val_x)))))
             with fabric.autocast():
                 losses = model.validation_losses(x)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v * len(x)
-            n += len(x)
+            kill_point("validation", epoch=epoch + 1, rank=fabric.global_rank)
         model.train()
-        return {k: v / n for k, v in sums.items()}
+        return {k: v / len(val_x) for k, v in sums.items()}
 
-    def _checkpoint(self, fabric, model, optimizers, hparams, epoch, step, history, best_val, best=False):
+    def _checkpoint(self, fabric, model, optimizers, epoch, step, history, best_val, best=False,
+                    epoch_sums=None):
+        """best.pt (when improved) before last.pt: last.pt is the commit point of an epoch. Every
+        process calls it (the epoch's running sums of all processes go into mid-epoch checkpoints)."""
+        sums = _gather_sums(epoch_sums or {}, fabric.world_size)
+        self._last_save = time.monotonic()
         if not fabric.is_global_zero:
             return
-        state = {"hparams": hparams, "model": model.state_dict(), "epoch": epoch, "step_in_epoch": step,
+        state = {"hparams": self.hparams, "model": model.state_dict(), "epoch": epoch, "step_in_epoch": step,
                  "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                 "history": history, "best_val": best_val, "config": self.config.to_dict()}
+                 "history": history, "best_val": best_val, "config": self.config.to_dict(),
+                 "epoch_sums": sums, "world_size": fabric.world_size, "compiled": compile_decision(self.compiler)}
         self.paths.last.parent.mkdir(parents=True, exist_ok=True)
-        _save(self.paths.last, state)
         if best:
-            _save(self.paths.best, {k: state[k] for k in ("hparams", "model", "epoch", "best_val", "config")})
+            save_checkpoint(self.paths.best, {k: state[k] for k in ("hparams", "model", "epoch", "best_val", "config")})
+        save_checkpoint(self.paths.last, state, keep_previous=True)
 
     @torch.no_grad()
-    def _write_samples(self, model, shown, to_batch, epoch):
+    def _write_samples(self, fabric, model, shown, to_batch, epoch):
+        seed_phase(self.config.train.seed, "samples", epoch, model=model)
         model.eval()
-        recon = model(to_batch(shown)).recon.float().cpu()  # the Fabric wrapper's forward autocasts
+        with fabric.autocast():
+            recon = model(to_batch(shown)).recon.float().cpu()
         model.train()
         _write_png(self.paths.samples / f"epoch_{epoch:03d}.png", _sample_grid(shown.float(), recon))
 
 
+def compile_decision(compiler: StepCompiler) -> bool | None:
+    """Whether the run decided to train compiled (True), eagerly (False), or has not decided (None)."""
+    return {"compiled": True, "checking": True, "pending": True, "eager": False}.get(compiler.state)
+
+
+def resumed_compile_mode(mode, state: dict | None):
+    """`train.compile` for a resumed run: an "auto" run keeps the decision it had taken, so it goes
+    on with the same (compiled or eager) kernels instead of timing eager steps again."""
+    decided = state.get("compiled") if state else None
+    if compile_mode(mode) != "auto" or decided is None:
+        return mode
+    return "on" if decided else "off"
+
+
+def _gather_sums(sums: dict, world: int) -> list[dict[str, float]]:
+    """Every process's running loss sums of the epoch, rank by rank."""
+    local = {k: float(v) for k, v in sums.items()}
+    if world == 1:
+        return [local]
+    gathered: list = [None] * world
+    torch.distributed.all_gather_object(gathered, local)
+    return gathered
+
+
+def _restore_sums(saved, rank: int, world: int) -> dict:
+    """This process's running sums from a mid-epoch checkpoint. Saved by as many processes: its
+    own; by another number: every process starts from the mean of the saved sums, which keeps the
+    epoch's mean over processes right."""
+    if isinstance(saved, dict):  # one process (checkpoints of the first exact-resume version)
+        saved = [saved]
+    if not saved:
+        return {}
+    if len(saved) == world:
+        return dict(saved[rank])
+    return {k: sum(s.get(k, 0.0) for s in saved) / len(saved) for k in saved[0]}
+
+
+def _mean_over_processes(sums: dict, world: int) -> dict[str, float]:
+    """Per-key mean of `sums` over processes (one all-reduce)."""
+    if world == 1:
+        return {k: float(v) for k, v in sums.items()}
+    keys = list(sums)  # the same order in every process (the same model logs the same terms)
+    values = torch.tensor([float(sums.get(k, 0.0)) for k in keys], dtype=torch.float64)
+    distributed.all_reduce_mean_([values])
+    return dict(zip(keys, values.tolist()))
+
+
+LAUNCH_KEYS = ("accelerator", "devices", "num_nodes", "strategy")  # how to run, not what to train
+
+
 def train(config: cfg.RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
-          epochs: int | None = None) -> dict:
-    """Train (or resume) a run. On resume the run's own config.yaml is used; `epochs` may extend it."""
+          epochs: int | None = None, launch: dict | None = None) -> dict:
+    """Train (or resume) a run. On resume the run's own config.yaml is used; `epochs` may extend it
+    and `launch` ({devices: 2, ...}: LAUNCH_KEYS) may change the processes it runs on.
+
+    With several processes, call this from a script (or `anomaseg train`): on one machine Fabric
+    starts the other processes by running the same command line again."""
     if resume and RunPaths(Path(run_dir)).config.exists():
         config = load_run_config(run_dir)
     if epochs is not None:
@@ -288,5 +498,15 @@ def train(config: cfg.RunConfig, run_dir: str | Path, resume: bool = False, prog
         config.train.epochs = epochs
     if config.train_dir:  # the run folder must not depend on the working directory
         config.train_dir = str(Path(config.train_dir).absolute())
-    with output_lock(run_dir):
+    if launch:
+        unknown = set(launch) - set(LAUNCH_KEYS)
+        if unknown:
+            raise ValueError(f"launch settings are {LAUNCH_KEYS}, got {sorted(unknown)}")
+        d = config.to_dict()
+        d["train"].update({k: v for k, v in launch.items() if v is not None})
+        config = cfg.RunConfig.from_dict(d)
+    # Only the process the user started holds the run folder's lock: the processes Fabric starts
+    # beside it (LOCAL_RANK / NODE_RANK set, > 0) write into the same run by design.
+    launched = os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
+    with contextlib.nullcontext() if launched else output_lock(run_dir):
         return Trainer(config, run_dir, progress=progress).fit(resume=resume)

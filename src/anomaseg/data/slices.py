@@ -270,13 +270,47 @@ class CaseCache:
         blob = json.dumps([CACHE_VERSION, asdict(spec), stamp, channels] + extra, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
+    def entry(self, case: Case, spec: SliceSpec) -> Path | None:
+        """The cache file of a case (None without a cache folder)."""
+        if self.folder is None:
+            return None
+        try:
+            return self.folder / f"{case.case_id}-{self.key(case, spec)}.npz"
+        except OSError as exc:
+            raise InputError(case.source or case.case_id, f"cannot read case files ({exc})") from None
+
+    def _members(self, case: Case, spec: SliceSpec, names: tuple[str, ...]) -> dict | None:
+        """Some arrays of a cached case, read without the others (None if it is not cached)."""
+        path = self.entry(case, spec)
+        if path is None or not path.exists():
+            return None
+        try:
+            with np.load(path) as z:
+                return {n: z[n] for n in names if n in z.files}
+        except (OSError, ValueError, KeyError, EOFError):
+            return None
+
+    def training_view(self, case: Case, spec: SliceSpec) -> tuple[np.ndarray, bool]:
+        """(keep, anomalous): which slices are in the model's domain and whether the case has
+        anomalous voxels, without reading its images when it is cached (prepared and cached if not)."""
+        got = self._members(case, spec, ("keep", "truth"))
+        if not got or "keep" not in got:
+            p = self.get(case, spec)
+            return p.keep, bool(p.truth is not None and p.truth.any())
+        return got["keep"], bool("truth" in got and got["truth"].any())  # truth is bit-packed: any() holds
+
+    def kept_images(self, case: Case, spec: SliceSpec) -> np.ndarray:
+        """The case's in-domain slices, (K, C, S, S) float16, reading only its images from the cache."""
+        got = self._members(case, spec, ("images", "keep"))
+        if not got or len(got) < 2:
+            p = self.get(case, spec)
+            return p.images[p.keep]
+        return got["images"][got["keep"]]
+
     def get(self, case: Case, spec: SliceSpec) -> PreparedCase:
         if self.folder is None:
             return prepare_case(case, spec)
-        try:
-            path = self.folder / f"{case.case_id}-{self.key(case, spec)}.npz"
-        except OSError as exc:
-            raise InputError(case.source or case.case_id, f"cannot read case files ({exc})") from None
+        path = self.entry(case, spec)
         if path.exists():
             try:
                 return _read_prepared(path, case, spec)
