@@ -52,7 +52,7 @@ class TrainConfig:
     lr_schedule: str = "cosine"  # cosine: decays to 0 over all steps of the run; constant
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     precision: str = "auto"  # auto | bf16 | 32 | 16 (GPU only)
-    channels_last: bool = True
+    channels_last: bool | str = "auto"  # NHWC tensors; auto: on GPUs, and on CPUs for models where it pays
     compile: bool | str = "auto"  # torch.compile the training forward: auto (when the run is long enough) | on | off
     seed: int = 0
     num_workers: int = 0
@@ -61,6 +61,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
+        if self.channels_last not in (True, False, "auto"):
+            raise ValueError(f"channels_last must be true, false or auto, got {self.channels_last!r}")
         from anomaseg.compilation import compile_mode
 
         compile_mode(self.compile)

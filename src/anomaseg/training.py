@@ -58,6 +58,14 @@ def scheduled_lr(base: float, schedule: str, step: int, total: int) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
 
 
+def training_memory_format(model, channels_last: bool | str, device: str) -> torch.memory_format:
+    """NHWC (channels_last) or NCHW for training: `auto` is NHWC on GPUs, and on CPUs where the model
+    says it pays (`AnomalyModel.prefers_channels_last`)."""
+    if channels_last == "auto":
+        channels_last = device == "cuda" or getattr(model, "prefers_channels_last", True)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -147,13 +155,14 @@ class Trainer:
         cfg.save(c, paths.config)
         write_text(paths.split, json.dumps(split, indent=1))
 
-        precision = fabric_precision(c.train.precision, "cuda" if torch.cuda.is_available() and self.accelerator != "cpu" else "cpu")
+        precision_device = "cuda" if torch.cuda.is_available() and self.accelerator != "cpu" else "cpu"
+        precision = fabric_precision(c.train.precision, precision_device)
         fabric = Fabric(accelerator=self.accelerator, devices=self.devices, precision=precision)
         fabric.launch()
         in_channels, size = train_x.shape[1], train_x.shape[-1]
         model = create_model(c.model.name, in_channels=in_channels, image_size=size, **c.model.params)
         hparams = model.hparams
-        memory_format = torch.channels_last if c.train.channels_last else torch.contiguous_format
+        memory_format = training_memory_format(model, c.train.channels_last, precision_device)
         model = model.to(memory_format=memory_format)
         if state is not None:
             model.load_state_dict(state["model"])
@@ -178,8 +187,8 @@ class Trainer:
                      f"{0 if val_x is None else len(val_x)} slices of {len(split['val'])} held-out cases; "
                      f"precision {precision}")
 
-        def to_batch(t):
-            return fabric.to_device(t.float()).contiguous(memory_format=memory_format)
+        def to_batch(t):  # float16 slices travel as they are stored; one conversion, on the device
+            return fabric.to_device(t).to(torch.float32, memory_format=memory_format)
 
         summary = {}
         last_save = time.monotonic()

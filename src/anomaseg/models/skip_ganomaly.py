@@ -140,6 +140,11 @@ class DCGANDiscriminator(nn.Module):
                                              "discriminator, adversarial + 50*L1 + latent feature loss",
                 tiny=dict(base_channels=4, max_channels=16))
 class SkipGANomaly(AnomalyModel):
+    # NHWC buys its convolutions nothing on a CPU (oneDNN reorders to the same blocked layouts) and
+    # makes BatchNorm's backward ~5x slower at the U-Net's small maps: 1.20x vs 1.32x the official
+    # step (benchmarks/bench_skipganomaly.py)
+    prefers_channels_last = False
+
     def __init__(self, in_channels: int = 1, image_size: int = 128, base_channels: int = 64,
                  max_channels: int = 512, w_adv: float = 1.0, w_con: float = 50.0, w_lat: float = 1.0,
                  input_noise: float = 0.0, betas: tuple[float, float] | list[float] | None = (0.5, 0.999)):
