@@ -36,3 +36,19 @@ def test_fused_adam_and_channels_last_match_the_plain_loop(name):
     with torch.no_grad():
         a, b = plain(x).recon, fast(x.contiguous(memory_format=torch.channels_last)).recon
     assert (a - b).abs().max() <= 1e-4 * a.abs().max()
+
+
+def test_channels_last_auto_follows_the_model_on_the_cpu_and_is_always_on_on_a_gpu():
+    from anomaseg import config as cfg
+    from anomaseg.errors import InputError
+    from anomaseg.training import training_memory_format
+
+    vae, gan = create_model("spatial_vae", tiny=True, image_size=32), create_model("skip_ganomaly", tiny=True, image_size=32)
+    assert cfg.RunConfig().train.channels_last == "auto"
+    assert training_memory_format(vae, "auto", "cpu") == torch.channels_last
+    assert training_memory_format(gan, "auto", "cpu") == torch.contiguous_format  # measured slower in NHWC
+    assert training_memory_format(gan, "auto", "cuda") == torch.channels_last
+    assert training_memory_format(vae, False, "cuda") == torch.contiguous_format
+    assert training_memory_format(gan, True, "cpu") == torch.channels_last
+    with pytest.raises(InputError, match="channels_last must be true, false or auto"):
+        cfg.resolve(overrides={"train": {"channels_last": "sometimes"}})

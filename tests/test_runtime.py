@@ -60,3 +60,15 @@ def test_torch_probe_agrees_with_the_cpu_flags(monkeypatch):
     assert info["auto_precision"] == ("bf16-mixed" if info["flags_bf16"] else "32-true")
     monkeypatch.setenv(runtime.NO_BF16_ENV, "1")
     assert runtime.cpu_info()["auto_precision"] == "32-true"
+
+
+@pytest.mark.parametrize("preset", [None, "ACTIVE"])
+def test_the_command_makes_idle_openmp_threads_sleep_unless_told_otherwise(preset):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | ({"OMP_WAIT_POLICY": preset} if preset else {})
+    code = "import sys, os, anomaseg.cli; print('torch' in sys.modules, os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", preset or "PASSIVE"]  # set before torch loads, the user's choice kept

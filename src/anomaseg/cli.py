@@ -9,8 +9,13 @@ import sys
 import warnings
 from pathlib import Path
 
-from anomaseg.errors import InputError, InputWarning
-from anomaseg.parallel import WorkerError
+# Idle OpenMP threads sleep instead of spinning (unless the user chose otherwise). Read once, when
+# torch loads, so it is set here, before anything imports torch: on a machine shared with other
+# work, spinning threads made a 2-thread training step 4.5x slower (benchmarks/bench_threads.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from anomaseg.errors import InputError, InputWarning  # noqa: E402
+from anomaseg.parallel import WorkerError  # noqa: E402
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:

@@ -82,7 +82,8 @@ class StepCompiler:
         self.model, self.mode, self.autocast, self.log = model, compile_mode(mode), autocast, log
         self.payback_seconds = payback_seconds
         self.targets: list[nn.Module] = list(model.compile_targets()) if hasattr(model, "compile_targets") else [model]
-        self.state = "off" if self.mode == "off" or not hasattr(torch, "compile") else "deciding"
+        off = self.mode == "off" or not self.targets or not hasattr(torch, "compile")
+        self.state = "off" if off else "deciding"
         self.eager_times: list[float] = []
         self.compiled_times: list[float] = []
         self.compile_seconds: float | None = None

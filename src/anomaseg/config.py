@@ -76,7 +76,7 @@ class TrainConfig:
     lr_schedule: str = "cosine"  # cosine: decays to 0 over all steps of the run; constant
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     precision: str = "auto"  # auto | bf16 | 32 | 16 (GPU only)
-    channels_last: bool = True
+    channels_last: bool | str = "auto"  # NHWC tensors; auto: on GPUs, and on CPUs for models where it pays
     compile: bool | str = "auto"  # torch.compile the training forward: auto (when the run is long enough) | on | off
     seed: int = 0
     num_workers: int = 0
@@ -101,6 +101,8 @@ class TrainConfig:
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(sorted(PRECISIONS))}, got {self.precision!r}")
+        if self.channels_last not in (True, False, "auto"):
+            raise ValueError(f"channels_last must be true, false or auto, got {self.channels_last!r}")
         from anomaseg.compilation import compile_mode
 
         compile_mode(self.compile)

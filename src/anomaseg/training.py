@@ -89,6 +89,14 @@ def scheduled_lr(base: float, schedule: str, step: int, total: int) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
 
 
+def training_memory_format(model, channels_last: bool | str, device: str) -> torch.memory_format:
+    """NHWC (channels_last) or NCHW for training: `auto` is NHWC on GPUs, and on CPUs where the model
+    says it pays (`AnomalyModel.prefers_channels_last`)."""
+    if channels_last == "auto":
+        channels_last = device == "cuda" or getattr(model, "prefers_channels_last", True)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -235,6 +243,7 @@ class Trainer:
         _seed_all(c.train.seed)  # weight initialisation
         model = create_model(c.model.name, in_channels=in_channels, image_size=size, **c.model.params)
         self.hparams = model.hparams
+        self.memory_format = training_memory_format(model, c.train.channels_last, fabric.device.type)
         model = model.to(memory_format=self.memory_format)
         if state is not None:
             model.load_state_dict(state["model"])
@@ -274,7 +283,6 @@ class Trainer:
             if state is not None:  # a kill between history.json and last.pt left a record ahead of the checkpoint
                 write_text(paths.history, json.dumps(state["history"], indent=1))
 
-        self.memory_format = torch.channels_last if c.train.channels_last else torch.contiguous_format
         model, optimizers = self._setup_model(fabric, state, train_x.channels, train_x.size)
         compiler = self.compiler
         history = state["history"] if state else []
@@ -291,8 +299,8 @@ class Trainer:
                      f"precision {self.precision}" + (f"; {world} processes, {bs // world} slices each per batch"
                                                       if world > 1 else ""))
 
-        def to_batch(t):
-            return fabric.to_device(t.float()).contiguous(memory_format=self.memory_format)
+        def to_batch(t):  # float16 slices travel as they are stored; one conversion, on the device
+            return fabric.to_device(t).to(torch.float32, memory_format=self.memory_format)
 
         every = c.train.checkpoint_every_steps
         summary = {}

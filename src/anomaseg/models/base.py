@@ -27,6 +27,9 @@ class AnomalyModel(nn.Module):
 
     in_channels: int
     hparams: dict
+    # whether NHWC (channels_last) tensors make training faster on a CPU (measured per model family:
+    # benchmarks/README.md); `train.channels_last: auto` follows it (GPUs always use NHWC)
+    prefers_channels_last: bool = True
 
     def loss(self, x: torch.Tensor, out: ModelOutput) -> dict[str, torch.Tensor]:
         raise NotImplementedError

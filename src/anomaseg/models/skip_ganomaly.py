@@ -140,6 +140,11 @@ class DCGANDiscriminator(nn.Module):
                                              "discriminator, adversarial + 50*L1 + latent feature loss",
                 tiny=dict(base_channels=4, max_channels=16))
 class SkipGANomaly(AnomalyModel):
+    # NHWC buys its convolutions nothing on a CPU (oneDNN reorders to the same blocked layouts) and
+    # makes BatchNorm's backward ~5x slower at the U-Net's small maps: 1.20x vs 1.32x the official
+    # step (benchmarks/bench_skipganomaly.py)
+    prefers_channels_last = False
+
     def __init__(self, in_channels: int = 1, image_size: int = 128, base_channels: int = 64,
                  max_channels: int = 512, w_adv: float = 1.0, w_con: float = 50.0, w_lat: float = 1.0,
                  input_noise: float = 0.0, betas: tuple[float, float] | list[float] | None = (0.5, 0.999)):
@@ -160,6 +165,12 @@ class SkipGANomaly(AnomalyModel):
     def discriminator_features(self, x: torch.Tensor) -> torch.Tensor:
         """f(x): the discriminator's penultimate feature map (for the latent loss and score)."""
         return self.discriminator.features(x)
+
+    def compile_targets(self) -> list[nn.Module]:
+        """None: convolutions take ~85% of a step at 64 px, 64/512 channels (BatchNorm and
+        activations ~10%: little for inductor to fuse), and the discriminator runs in four
+        autograd/BatchNorm contexts per step, each a compilation of its own."""
+        return []
 
     def make_optimizers(self, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> dict[str, torch.optim.Optimizer]:
         """Adam for generator and discriminator; the model's `betas` win over the run's."""
