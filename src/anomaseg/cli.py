@@ -364,7 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "score" and args.out is None:
             args.out = _default_score_out(args.data)
-        lock = output_lock(args.out) if args.command in LOCKED_COMMANDS else contextlib.nullcontext()
+        from anomaseg.distributed import started_by_launcher
+
+        locked = args.command in LOCKED_COMMANDS and not started_by_launcher()
+        lock = output_lock(args.out) if locked else contextlib.nullcontext()
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             warnings.simplefilter("default", InputWarning)

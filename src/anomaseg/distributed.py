@@ -16,11 +16,18 @@ pass on GPUs.
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from typing import Iterable
 
 import torch
 import torch.distributed as dist
+
+
+def started_by_launcher() -> bool:
+    """True in the processes that Fabric (or torchrun, SLURM) started beside the one the user ran:
+    they write into the same run folder by design, so they must not take its lock."""
+    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
 
 
 def world_size() -> int:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import time
 import zlib
@@ -513,8 +512,5 @@ def train(config: cfg.RunConfig, run_dir: str | Path, resume: bool = False, prog
         d = config.to_dict()
         d["train"].update({k: v for k, v in launch.items() if v is not None})
         config = cfg.RunConfig.from_dict(d)
-    # Only the process the user started holds the run folder's lock: the processes Fabric starts
-    # beside it (LOCAL_RANK / NODE_RANK set, > 0) write into the same run by design.
-    launched = os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
-    with contextlib.nullcontext() if launched else output_lock(run_dir):
+    with contextlib.nullcontext() if distributed.started_by_launcher() else output_lock(run_dir):
         return Trainer(config, run_dir, progress=progress).fit(resume=resume)
