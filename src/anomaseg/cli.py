@@ -166,7 +166,7 @@ def cmd_score(args) -> int:
     out = args.out
     rows = score_dataset(args.run, args.data, out, predictor=args.predictor,
                          predictor_params=_predictor_params(args), workers=_workers(args), onnx=args.onnx,
-                         bids=_bids_query(args))
+                         bids=_bids_query(args), qa=args.qa)
     print(f"wrote anomaly maps and segmentations of {len(rows)} cases to {out}")
     return 0
 
@@ -196,7 +196,7 @@ def cmd_evaluate(args) -> int:
 
     result = evaluate_dataset(args.run, args.data, args.out, predictors=args.predictor, save_maps=args.save_maps,
                               predictor_params=_predictor_params(args), baseline=not args.no_baseline,
-                              workers=_workers(args), bids=_bids_query(args))
+                              workers=_workers(args), bids=_bids_query(args), qa=args.qa)
     results = {result["predictor"]: result} if "per_case" in result else result
     for name, r in results.items():
         print(f"{name}: pixel AUROC {r['pixel_auroc']:.3f}, AUPRC {r['pixel_auprc']:.3f}, "
@@ -226,6 +226,44 @@ def cmd_preprocess(args) -> int:
     done = sum(r["status"] == "done" for r in rows)
     print(f"preprocessed {len(rows)} cases into {args.out} ({done} done, {len(rows) - done} skipped: already "
           f"finished); per-case logs beside the volumes")
+    return 0
+
+
+def cmd_qa_fit(args) -> int:
+    import dataclasses
+
+    from anomaseg.config import merge, parse_set
+    from anomaseg.quality.assessor import QualityConfig, fit_quality
+
+    values = dataclasses.asdict(QualityConfig())
+    if args.variant:
+        values["variants"] = ["difference", "image", "both"] if args.variant == "all" else [args.variant]
+    if args.modality:
+        values["modalities"] = [m.strip() for m in args.modality.split(",") if m.strip()]
+    for key, attr in (("image_size", "image_size"), ("pool_size", "pool_size"), ("rec_epochs", "epochs"),
+                      ("reg_epochs", "epochs"), ("batch_size", "batch_size"), ("seed", "seed"),
+                      ("precision", "precision")):
+        if getattr(args, attr) is not None:
+            values[key] = getattr(args, attr)
+    try:
+        config = QualityConfig(**merge(values, parse_set(args.set)))
+    except (TypeError, ValueError) as exc:
+        raise InputError(None, f"qa fit: {exc}") from None
+    qa = fit_quality(args.data, args.out, config, segmentations=args.segmentations or [], resume=args.resume)
+    pool, split = qa.meta["pool"], qa.meta["split"]
+    print(f"fitted QA model ({', '.join(qa.regs)}) on a pool of {pool['candidates']} candidate segmentations "
+          f"(mean Dice {pool['mean_dice']:.2f}) of {len(split['train'])} training and {len(split['val'])} "
+          f"validation cases; in {args.out}")
+    return 0
+
+
+def cmd_qa_predict(args) -> int:
+    from anomaseg.quality.assessor import predict_folders
+
+    rows = predict_folders(args.qa, args.data, args.segmentations, args.out, variant=args.variant)
+    low = sum(r["predicted_dice"] < 0.5 for r in rows)
+    print(f"predicted the Dice of {len(rows)} segmentations ({low} below 0.5): "
+          f"{Path(args.out) / 'predictions.csv'}")
     return 0
 
 
@@ -293,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictor", help="predictor name (default: the run's, residual)")
     p.add_argument("--predictor-params", metavar="YAML", help=PREDICTOR_PARAMS_HELP)
     p.add_argument("--workers", type=int, default=1, help=WORKERS_HELP)
+    p.add_argument("--qa", metavar="QA", help="QA model (`anomaseg qa fit`): add each segmentation's predicted Dice")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("evaluate", help="metrics and an HTML report on a labelled test set")
@@ -307,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the intensity baseline (by default evaluated in the same pass and reported beside)")
     p.add_argument("--workers", type=int, default=1, help=WORKERS_HELP)
     _add_bids_options(p)
+    p.add_argument("--qa", metavar="QA", help="QA model (`anomaseg qa fit`): add each segmentation's predicted Dice "
+                                              "next to its true Dice")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="export a run's model and anomaly map to ONNX (scoring without PyTorch)")
@@ -331,6 +372,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="cases processed in parallel (default: CPU count)")
     _add_bids_options(p)
     p.set_defaults(func=cmd_preprocess)
+    p = sub.add_parser("qa", help="segmentation quality assessment without ground truth (REC-Net + REG-Net)")
+    qa = p.add_subparsers(dest="qa_command", required=True)
+    q = qa.add_parser("fit", help="fit a QA model on labelled cases and candidate segmentations")
+    q.add_argument("--data", required=True, help="labelled cases (folder or datalist .json)")
+    q.add_argument("--segmentations", nargs="*", metavar="SEGS",
+                   help="folders of candidate segmentations, <case>[_segmentation].nii.gz (any segmenter's output)")
+    q.add_argument("--out", required=True, help="QA model folder")
+    q.add_argument("--variant", choices=["difference", "image", "both", "all"],
+                   help="REG-Net input: difference image (the paper, default), image (Robinson et al.), both, all")
+    q.add_argument("--pool-size", type=int, help="candidates per case, completed by perturbations (default 24)")
+    q.add_argument("--epochs", type=int, help="epochs of REC-Net and of REG-Net (default 20)")
+    q.add_argument("--batch-size", type=int)
+    q.add_argument("--image-size", type=int, help="slice size, a power of two >= 32 (default 64)")
+    q.add_argument("--modality", help="modality or comma-separated modalities (default flair)")
+    q.add_argument("--precision", choices=["auto", "bf16", "32", "16"])
+    q.add_argument("--seed", type=int)
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any QA setting, e.g. --set rec_params.base_channels=16 --set reg_epochs=40 (repeatable)")
+    q.add_argument("--resume", action="store_true", help="continue an interrupted fit in --out (its own settings)")
+    q.set_defaults(func=cmd_qa_fit)
+    q = qa.add_parser("predict", help="predict the Dice of segmentations without ground truth")
+    q.add_argument("--qa", required=True, help="QA model folder (from `anomaseg qa fit`)")
+    q.add_argument("--data", required=True, help="the cases the segmentations belong to (images only are read)")
+    q.add_argument("--segmentations", nargs="+", required=True, metavar="SEGS", help="folders of segmentations")
+    q.add_argument("--out", required=True, help="output folder: predictions.json and predictions.csv")
+    q.add_argument("--variant", choices=["difference", "image", "both"], help="default: the first fitted")
+    q.set_defaults(func=cmd_qa_predict)
 
     p = sub.add_parser("demo", help="phantom -> train -> evaluate on built-in data, in minutes")
     p.add_argument("--out", default="demo_output")

@@ -34,6 +34,7 @@ from anomaseg.data import bids as bids_io
 from anomaseg.data.io import load_volume, save_like
 from anomaseg.lesion_metrics import LesionMetrics, case_lesions
 from anomaseg.metrics import VoxelMetrics, binary_auprc, binary_auroc, dice_score
+from anomaseg.quality.assessor import load_assessor, with_predicted_dice
 from anomaseg.report import CaseOverlay, SideBySide, write_comparison_report, write_report
 from anomaseg.parallel import run_sharded, worker_device
 from anomaseg.report_viewer import MAX_VIEWERS, case_slices
@@ -206,6 +207,7 @@ class EvaluationJob:
     reported: tuple  # the predictors with their own results (the baseline may only join the pass)
     save_maps: bool
     bids_out: tuple | None = None  # (BIDS root, {predictor: sidecar fields}): maps as BIDS derivatives
+    qa: str | None = None  # QA model folder: add each segmentation's predicted Dice
 
 
 def evaluate_shard(rank: int, cases: list, report, job: EvaluationJob, out: Path,
@@ -219,17 +221,21 @@ def evaluate_shard(rank: int, cases: list, report, job: EvaluationJob, out: Path
     tallies = {name: PredictorTally(name, scorer.post.threshold_, scorer.predictor.get_params())
                for name, scorer in scorers.items()}
     reported = list(job.reported)
+    assessor = load_assessor(job.qa)
     side_by_side: list[tuple[int, str, SideBySide]] = []  # (lesion voxels, case id, panel), largest first
     for case in cases:
         report(case.case_id)
         prepared = _prepare_one(case, spec, config)
         ref = load_volume(prepared.reference, header_only=True) if job.save_maps else None
         row, to2d = _side_by_side_row(prepared) if len(tallies) > 1 else (None, None)
+        qa_case = assessor.prepare(case) if assessor is not None else None  # read without its ground truth
         for name, tally in tallies.items():
             scorer = scorers[name]
             smoothed, scores = scorer.predict_case(prepared)
             seg = scorer.post.segment(smoothed)
             tally.add(prepared, smoothed, scores, seg, model)
+            if assessor is not None:
+                tally.per_case[-1] = with_predicted_dice(tally.per_case[-1], assessor.predict(qa_case, seg > 0))
             if row is not None:
                 row.maps[name] = to2d(smoothed)
             if job.save_maps and name in reported:
@@ -272,7 +278,7 @@ def predictor_specs(run_dir, predictors: str | dict | None, predictor_params: di
 
 def evaluate_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path, predictors: str | dict | None = None,
                      save_maps: bool = False, progress: bool = True, predictor_params: dict | None = None,
-                     baseline: bool = True, workers: int = 1, bids=None) -> dict:
+                     baseline: bool = True, workers: int = 1, bids=None, qa: str | Path | None = None) -> dict:
     """Evaluate the run on a labelled test set; returns the metrics of the first predictor (or the
     summary of all). Writes OUT/metrics.json and OUT/report.html (one predictor), or one subfolder
     per predictor plus OUT/summary.json and OUT/report.html (several). `predictors`: see
@@ -281,9 +287,13 @@ def evaluate_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path,
     With `baseline`, the intensity baseline is evaluated in the same pass (module docstring).
     `workers` > 1 splits the cases over that many processes; the results equal those of one.
     On a BIDS dataset (`bids`: its `BidsQuery`), `save_maps` writes OUT/maps[/<predictor>] as a
-    BIDS-derivatives dataset (see `data.bids`)."""
+    BIDS-derivatives dataset (see `data.bids`).
+    With `qa` (a folder from `anomaseg qa fit`), every per-case row also gets the `predicted_dice`
+    of its segmentation, predicted without the case's ground truth."""
     out_dir = Path(out_dir)
     _check_output_dir(out_dir)
+    qa = None if qa is None else str(Path(qa).resolve())
+    load_assessor(qa)  # a bad QA folder fails here, before any work
     run_dir = str(Path(run_dir).resolve())
     config = load_run_config(run_dir)
     cases, spec = _test_cases(run_dir, data, config, require_seg=True, bids=bids)
@@ -304,7 +314,7 @@ def evaluate_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path,
         bids_out = (str(Path(data).resolve()),
                     {name: bids_output_info(run_dir, config, built[name][1]) for name in reported})
     job = EvaluationJob(run_dir, {name: src for name, (src, _) in built.items()}, tuple(reported), save_maps,
-                        bids_out)
+                        bids_out, qa)
     with atomic_dir(out_dir) as tmp:
         scorers = {name: scorer for name, (_, scorer) in built.items()} if workers <= 1 else None
         parts = run_sharded(evaluate_shard, cases, workers, (job, tmp, scorers), progress, desc="evaluating")
@@ -319,7 +329,7 @@ def evaluate_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path,
         for name in reported:
             folder = tmp if len(reported) == 1 else tmp / name
             results[name] = _write_results(folder, tallies[name], run_dir, data,
-                                           None if base is None or name == BASELINE else (base, base_metrics))
+                                           None if base is None or name == BASELINE else (base, base_metrics), qa)
         if len(reported) > 1:
             summary = {name: {k: v for k, v in r.items() if k not in TABLE_KEYS} for name, r in results.items()}
             write_text(tmp / "summary.json", json.dumps(_jsonable(summary), indent=1))
@@ -330,10 +340,12 @@ def evaluate_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path,
     return results[next(iter(results))] if len(results) == 1 else results
 
 
-def _write_results(folder: Path, tally: PredictorTally, run_dir, data, baseline=None) -> dict:
+def _write_results(folder: Path, tally: PredictorTally, run_dir, data, baseline=None, qa=None) -> dict:
     """metrics.json and report.html of one predictor; `baseline`: (tally, metrics) of the baseline."""
     metrics = tally.metrics()
     metrics["run"], metrics["data"] = str(Path(run_dir).resolve()), str(Path(data).resolve())
+    if qa is not None:
+        metrics["qa"] = qa
     base_curves = None
     if baseline is not None:
         base_tally, base_metrics = baseline

@@ -277,13 +277,16 @@ def bids_output_info(run_dir, config: cfg.RunConfig, scorer: Scorer) -> dict:
 
 
 def score_shard(rank: int, cases: list, report, source: ScorerSource, out: Path, scorer: Scorer | None = None,
-                bids_out: tuple | None = None) -> list[dict]:
+                bids_out: tuple | None = None, qa: str | None = None) -> list[dict]:
     """Score `cases` into the folder `out` (a worker's share); rows of scores.json, one per case.
-    `bids_out`: (BIDS root, sidecar fields) to write BIDS-derivative outputs instead."""
+    `bids_out`: (BIDS root, sidecar fields) to write BIDS-derivative outputs instead.
+    With `qa` (a QA model folder) each row gets the segmentation's predicted Dice."""
     from anomaseg.data import bids as bids_io
+    from anomaseg.quality.assessor import load_assessor
 
     scorer = scorer or source.build(device=worker_device(rank))
     spec, cache = source.slice_spec(), source.cache()
+    assessor = load_assessor(qa)
     rows = []
     for case in cases:
         report(case.case_id)
@@ -297,13 +300,15 @@ def score_shard(rank: int, cases: list, report, source: ScorerSource, out: Path,
             save_like(ref, smoothed, out / f"{case.case_id}_anomaly_map.nii.gz", np.float32)
             save_like(ref, seg, out / f"{case.case_id}_segmentation.nii.gz", np.uint8)
         rows.append({"case_id": case.case_id, "anomalous_voxels": int(seg.sum()), "max_anomaly": float(smoothed.max())})
+        if assessor is not None:
+            rows[-1]["predicted_dice"] = assessor.predict_case(case, seg > 0)
         report.done()
     return rows
 
 
 def score_dataset(run_dir: str | Path | None, data: str | Path, out_dir: str | Path, predictor: str | None = None,
                   progress: bool = True, predictor_params: dict | None = None, workers: int = 1,
-                  onnx: str | Path | None = None, bids=None) -> list[dict]:
+                  onnx: str | Path | None = None, bids=None, qa: str | Path | None = None) -> list[dict]:
     """Write `<case>_anomaly_map.nii.gz` (float32) and `<case>_segmentation.nii.gz` (uint8) per case,
     on the input's grid, affine and header. The output folder appears only when complete. For a BIDS
     dataset (`bids`: its `BidsQuery`) the output folder is a BIDS-derivatives dataset instead
@@ -311,9 +316,14 @@ def score_dataset(run_dir: str | Path | None, data: str | Path, out_dir: str | P
 
     `workers` > 1 splits the cases over that many processes (`parallel.run_sharded`); the outputs
     are the same as with one. `onnx`: score with an exported model (`anomaseg export`) and ONNX
-    Runtime instead of a run folder (`run_dir` is then not used)."""
+    Runtime instead of a run folder (`run_dir` is then not used). With `qa` (a folder from
+    `anomaseg qa fit`) each case also gets the `predicted_dice` of its segmentation."""
+    from anomaseg.quality.assessor import load_assessor
+
     out_dir = Path(out_dir)
     _check_output_dir(out_dir)
+    qa = None if qa is None else str(Path(qa).resolve())
+    load_assessor(qa)  # a bad QA folder fails here, before any work
     if onnx is not None:
         source = ScorerSource(onnx=str(Path(onnx).resolve()))
     else:
@@ -328,12 +338,14 @@ def score_dataset(run_dir: str | Path | None, data: str | Path, out_dir: str | P
     if bids_io.is_bids_root(data) and onnx is None:
         bids_out = (str(Path(data).resolve()), bids_output_info(run_dir, load_run_config(run_dir), scorer))
     with atomic_dir(out_dir) as tmp:
-        parts = run_sharded(score_shard, cases, workers, (source, tmp, scorer if workers <= 1 else None, bids_out),
-                            progress, desc="scoring")
+        parts = run_sharded(score_shard, cases, workers,
+                            (source, tmp, scorer if workers <= 1 else None, bids_out, qa), progress, desc="scoring")
         rows = sorted((row for part in parts for row in part), key=lambda r: r["case_id"])
         summary = {"run": None if onnx is not None else str(Path(run_dir).resolve()),
                    "onnx": None if onnx is None else str(Path(onnx).resolve()), "data": str(Path(data).resolve()),
                    "predictor": scorer.predictor.name, "threshold": scorer.post.threshold_, "cases": rows}
+        if qa is not None:
+            summary["qa"] = qa
         write_text(tmp / "scores.json", json.dumps(summary, indent=1))
         if bids_out is not None:
             bids_io.write_description(tmp, Path(data), "anomaly maps and segmentations")

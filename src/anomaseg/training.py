@@ -203,16 +203,29 @@ class Trainer:
         val_x = store.load_slices(val, cache, mode, self.progress) if val.n else None
         return split, store.load_slices(train, cache, mode, self.progress), val_x
 
+    # ----------------------------------------------------------------------------- hooks
+    # A subclass trains another network on other data through this same loop (the quality networks
+    # of `anomaseg.quality` do): it overrides these two methods. What the slices' channels hold is
+    # between the data and the model's training_step.
+    def training_data(self, processes_per_machine: int = 1):
+        """(split {"train": ids, "val": ids}, training slices, validation slices or None); slices are
+        `data.store.SliceSource`s (e.g. `store.InMemorySlices` of a tensor (N, C, S, S))."""
+        return self._prepare_data(processes_per_machine)
+
+    def build_model(self, in_channels: int, image_size: int) -> torch.nn.Module:
+        c = self.config
+        return create_model(c.model.name, in_channels=in_channels, image_size=image_size, **c.model.params)
+
     def _prepare_data_once(self, fabric):
-        """`_prepare_data` on the first process of each machine, then on the others (which read what
+        """`training_data` on the first process of each machine, then on the others (which read what
         it cached); an input error of the first stops every process with its message."""
         local = max(1, fabric.world_size // self.config.train.num_nodes)  # processes on this machine
         if fabric.world_size == 1:
-            return self._prepare_data()
+            return self.training_data()
         result, problem = None, None
         if fabric.local_rank == 0:
             try:
-                result = self._prepare_data(local)
+                result = self.training_data(local)
             except InputError as exc:
                 problem = (exc.path, exc.problem)
         problems: list = [None] * fabric.world_size
@@ -220,7 +233,7 @@ class Trainer:
         first = next((p for p in problems if p is not None), None)
         if first is not None:
             raise InputError(*first)
-        return result if result is not None else self._prepare_data(local)
+        return result if result is not None else self.training_data(local)
 
     def _resume_state(self, resume: bool, announce: bool) -> dict | None:
         """The checkpoint to continue from (None: start afresh); refuses to overwrite a run unasked."""
@@ -240,7 +253,7 @@ class Trainer:
     def _setup_model(self, fabric, state, in_channels: int, size: int):
         c = self.config
         _seed_all(c.train.seed)  # weight initialisation
-        model = create_model(c.model.name, in_channels=in_channels, image_size=size, **c.model.params)
+        model = self.build_model(in_channels, size)
         self.hparams = model.hparams
         self.memory_format = training_memory_format(model, c.train.channels_last, fabric.device.type)
         model = model.to(memory_format=self.memory_format)
@@ -433,6 +446,8 @@ class Trainer:
     @torch.no_grad()
     def _write_samples(self, fabric, model, shown, to_batch, epoch):
         seed_phase(self.config.train.seed, "samples", epoch, model=model)
+        if not getattr(model, "reconstructs", True):  # a regressor (quality REG-Net) has no samples to show
+            return
         model.eval()
         with fabric.autocast():
             recon = model(to_batch(shown)).recon.float().cpu()

@@ -30,6 +30,7 @@ class AnomalyModel(nn.Module):
     # whether NHWC (channels_last) tensors make training faster on a CPU (measured per model family:
     # benchmarks/README.md); `train.channels_last: auto` follows it (GPUs always use NHWC)
     prefers_channels_last: bool = True
+    reconstructs = True  # forward returns a reconstruction (False for a regressor: no sample images)
 
     def loss(self, x: torch.Tensor, out: ModelOutput) -> dict[str, torch.Tensor]:
         raise NotImplementedError

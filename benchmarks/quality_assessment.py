@@ -1,0 +1,306 @@
+"""Benchmark: segmentation quality assessment without ground truth (Zhou, Deng & Wu, MIDL 2020).
+
+    .venv/bin/python benchmarks/quality_assessment.py           # full: see the budget below
+    .venv/bin/python benchmarks/quality_assessment.py --quick   # smoke test, a few minutes
+
+On the built-in phantom (FLAIR, 2 mm; lesioned subjects alternate MS-like lesions and tumours):
+
+1. Candidate segmentations of widely spread quality for every lesioned subject: a spatial VAE
+   trained on the healthy subjects, stopped after several epochs, its post-processed residual map
+   thresholded at several multiples of its healthy-calibrated threshold ("our models'
+   segmentations at several thresholds and epochs"), plus perturbations of the ground truth
+   (`anomaseg.quality.pool`); per subject a subset balanced over Dice (`select_balanced`), as the
+   paper balanced its pool.
+2. Lesioned subjects are split by subject: the QA model (REC-Net, then REG-Net on (I_dif, S), on
+   (I, S) as Robinson et al. 2018, and on both) is fitted on the training subjects' pools only
+   (`fit_quality`, its own validation subjects among them); nothing of a test subject is seen.
+3. On the test subjects' pools: MAE, Pearson r and Spearman rho between predicted and true Dice,
+   and the AUROC of flagging failed segmentations (true Dice < 0.5, scored by 1 - predicted Dice),
+   for the three REG-Net variants and three baselines fitted on the training pool: the
+   training-pool mean, and linear maps of two cues, the mean anomaly score of the VAE's final map
+   inside the segmentation and the mean normalised FLAIR inside it.
+4. FGSM (`anomaseg.quality.attack`: one signed-gradient step on the normalised image slices, through
+   REC-Net for the difference variants) at eps 0.05, 0.1, 0.2, 0.3: MAE of each variant.
+Also reported: the same metrics on every VAE segmentation of the test subjects (no balancing), the
+realistic case of assessing one's own anomaly segmentations.
+
+Writes benchmarks/results/quality_assessment.{json,md} (--quick: quality_assessment_quick.*), with
+the machine (lscpu model and flags), the load average and the wall time of each stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import torch  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from anomaseg import config as cfg  # noqa: E402
+from anomaseg.atomic import write_text  # noqa: E402
+from anomaseg.data.layout import find_cases  # noqa: E402
+from anomaseg.data.phantom import make_phantom  # noqa: E402
+from anomaseg.data.slices import load_case_volumes, normalise, prepare_case  # noqa: E402
+from anomaseg.metrics import binary_auroc, dice_score  # noqa: E402
+from anomaseg.quality.assessor import QualityConfig, fit_quality  # noqa: E402
+from anomaseg.quality.attack import fgsm_predictions  # noqa: E402
+from anomaseg.quality.candidates import Candidate  # noqa: E402
+from anomaseg.quality.pool import dice_bin, fill_pool, select_balanced  # noqa: E402
+from anomaseg.scoring import calibrate  # noqa: E402
+from anomaseg.training import train  # noqa: E402
+
+FULL = dict(healthy=10, lesioned=30, test_subjects=10, image_size=64, vae_epochs=[1, 3, 6],
+            thresholds=[0.5, 0.7, 1.0, 1.4, 2.0], pool_size=20, test_pool_size=12, rec_epochs=15, reg_epochs=10,
+            batch_size=32, eps=[0.0, 0.05, 0.1, 0.2, 0.3])
+QUICK = dict(healthy=3, lesioned=6, test_subjects=2, image_size=32, vae_epochs=[1, 2], thresholds=[0.7, 1.4],
+             pool_size=6, test_pool_size=4, rec_epochs=2, reg_epochs=2, batch_size=16, eps=[0.0, 0.1, 0.3])
+VARIANTS = ["difference", "image", "both"]
+FAIL = 0.5  # a segmentation with true Dice below this has failed
+
+
+class PackedMask:
+    """A bool volume kept as bits (8x smaller); np.asarray() unpacks it."""
+
+    def __init__(self, mask: np.ndarray):
+        self.shape, self.bits = mask.shape, np.packbits(mask)
+
+    def __array__(self, dtype=None, copy=None):
+        return np.unpackbits(self.bits, count=math.prod(self.shape)).reshape(self.shape).astype(dtype or bool)
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads()}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("Model name", "Flags"):
+                info["cpu_model" if key.strip() == "Model name" else "cpu_flags"] = value.strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    flags = info.get("cpu_flags", "").split()
+    info["avx512_bf16"] = "avx512_bf16" in flags
+    return info
+
+
+def load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def link_subjects(phantom: Path, names: list[str], folder: Path) -> Path:
+    """A dataset folder of symlinks to some of the phantom's lesioned subjects (split by subject)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for n in names:
+        (folder / n).symlink_to((phantom / "test" / n).resolve(), target_is_directory=True)
+    return folder
+
+
+def model_segmentations(plan: dict, phantom: Path, work: Path, cases, progress: bool) -> tuple[dict, dict]:
+    """VAE segmentations per subject (source, PackedMask) at several epochs and thresholds, and the
+    final epoch's post-processed anomaly map per subject (float16)."""
+    run = work / "vae"
+    shutil.rmtree(run, ignore_errors=True)
+    config = cfg.resolve(overrides={"data": {"modalities": ["flair"], "image_size": plan["image_size"]},
+                                    "model": {"name": "spatial_vae", "params": {"beta": 0.05}},
+                                    "train": {"epochs": plan["vae_epochs"][0], "seed": 0}})
+    config.train_dir = str((phantom / "train").resolve())
+    segs: dict = {c.case_id: [] for c in cases}
+    maps: dict = {}
+    for k, epochs in enumerate(plan["vae_epochs"]):
+        train(config, run, resume=k > 0, epochs=epochs, progress=progress)
+        scorer = calibrate(run, progress=progress, force=True)
+        for case in cases:
+            prepared = prepare_case(case, config.data.slice_spec())
+            smoothed = scorer.smoothed_volume(prepared)
+            for t in plan["thresholds"]:
+                seg = scorer.post.segment(smoothed, t * scorer.post.threshold_) > 0
+                segs[case.case_id].append((f"vae_epoch{epochs}_x{t:g}", PackedMask(seg)))
+            if k == len(plan["vae_epochs"]) - 1:
+                maps[case.case_id] = smoothed.astype(np.float16)
+    return segs, maps
+
+
+def build_pools(plan: dict, cases, segs: dict, maps: dict, pool_size: int, seed: int) -> dict:
+    """Per subject: a pool balanced over Dice from the VAE segmentations and perturbations, with each
+    candidate's true Dice and cues; and all VAE segmentations (unbalanced) with theirs."""
+    pools = {}
+    for case in cases:
+        vols, brain, truth = load_case_volumes(case, cfg.DataConfig(modalities=["flair"]).slice_spec())
+        flair = normalise(vols[0].data, brain, cfg.DataConfig().slice_spec())
+        amap = maps[case.case_id].astype(np.float32)
+        rng = np.random.default_rng([seed, int(case.case_id.split("_")[-1])])
+        model = [(src, np.asarray(m)) for src, m in segs[case.case_id]]
+        model_dice = [dice_score(s, truth) for _, s in model]
+        perts = fill_pool(truth, brain, model_dice, len(model) + pool_size, rng, flair)
+        union = model + [(f"perturbation:{k}", s) for k, s, _ in perts]
+        dices = model_dice + [d for _, _, d in perts]
+
+        def record(src, s, d):
+            inside = s.any()
+            return {"source": src, "dice": d, "voxels": int(s.sum()), "seg": PackedMask(s),
+                    "cue_anomaly": float(amap[s].mean()) if inside else 0.0,
+                    "cue_flair": float(flair[s].mean()) if inside else 0.0}
+
+        chosen = select_balanced(dices, pool_size, rng)
+        pools[case.case_id] = {"pool": [record(*union[i], dices[i]) for i in chosen],
+                               "model": [record(src, s, d) for (src, s), d in zip(model, model_dice)]}
+    return pools
+
+
+def metrics(pred, true) -> dict:
+    pred, true = np.asarray(pred, float), np.asarray(true, float)
+    failed = true < FAIL
+    constant = np.ptp(pred) == 0
+    return {"n": int(len(true)), "n_failed": int(failed.sum()), "mae": float(np.abs(pred - true).mean()),
+            "pearson_r": math.nan if constant else float(stats.pearsonr(pred, true)[0]),
+            "spearman_rho": math.nan if constant else float(stats.spearmanr(pred, true)[0]),
+            "failure_auroc": binary_auroc(1 - pred, failed) if 0 < failed.sum() < len(failed) else math.nan}
+
+
+def linear_map(x_train, y_train):
+    slope, intercept = np.polyfit(np.asarray(x_train, float), np.asarray(y_train, float), 1)
+    return lambda x: np.clip(slope * np.asarray(x, float) + intercept, 0, 1)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--work", help="working folder (default benchmarks/results/work_qa[_quick])")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision", default="auto", help="QA training precision (auto, bf16, 32)")
+    ap.add_argument("--out", help="output stem (default benchmarks/results/quality_assessment[_quick])")
+    args = ap.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    suffix = "_quick" if args.quick else ""
+    work = Path(args.work or ROOT / "benchmarks" / "results" / f"work_qa{suffix}")
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"quality_assessment{suffix}")
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("ANOMASEG_CACHE", str(work / "cache"))
+    torch.manual_seed(args.seed)
+    progress = sys.stderr.isatty()
+    seconds, loads = {}, {"start": load()}
+
+    t = time.perf_counter()
+    phantom = work / "phantom"
+    make_phantom(phantom, plan["healthy"], plan["lesioned"], seed=args.seed, modalities=("flair",))
+    names = sorted(p.name for p in (phantom / "test").iterdir() if p.is_dir())
+    test_names = names[-plan["test_subjects"]:]  # alternating MS / tumour by index: both in each split
+    train_names = names[:-plan["test_subjects"]]
+    train_dir = link_subjects(phantom, train_names, work / "qa_train")
+    test_dir = link_subjects(phantom, test_names, work / "qa_test")
+    cases = find_cases(train_dir, ["flair"]) + find_cases(test_dir, ["flair"])
+    seconds["phantom"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    segs, maps = model_segmentations(plan, phantom, work, cases, progress)
+    seconds["vae_segmentations"] = time.perf_counter() - t
+    loads["after_vae"] = load()
+
+    t = time.perf_counter()
+    train_pools = build_pools(plan, cases[:len(train_names)], segs, maps, plan["pool_size"], args.seed)
+    test_pools = build_pools(plan, cases[len(train_names):], segs, maps, plan["test_pool_size"], args.seed + 1)
+    seconds["pools"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    qa_dir = work / "qa"
+    shutil.rmtree(qa_dir, ignore_errors=True)
+    config = QualityConfig(image_size=plan["image_size"], variants=VARIANTS, pool_size=0, rec_epochs=plan["rec_epochs"],
+                           reg_epochs=plan["reg_epochs"], batch_size=plan["batch_size"], seed=args.seed,
+                           precision=args.precision)
+    given = [Candidate(cid, r["source"], array=r["seg"]) for cid, p in train_pools.items() for r in p["pool"]]
+    assessor = fit_quality(train_dir, qa_dir, config, candidates=given, progress=progress)
+    seconds["qa_fit"] = time.perf_counter() - t
+    histories = {run: json.loads((qa_dir / run / "history.json").read_text())
+                 for run in ["rec"] + [f"reg_{v}" for v in VARIANTS]}
+    loads["after_fit"] = load()
+
+    # ---------------------------------------------------------------- predictions and attacks
+    t = time.perf_counter()
+    test_cases = {c.case_id: c for c in find_cases(test_dir, ["flair"])}
+    rows = []
+    for cid, pools in test_pools.items():
+        prepared = assessor.prepare(test_cases[cid])  # the ground truth is stripped
+        for kind in ("pool", "model"):
+            for r in pools[kind]:
+                image, s, areas, outside = assessor.case_inputs(prepared, np.asarray(r["seg"]))
+                row = {k: v for k, v in r.items() if k != "seg"}
+                row.update(case_id=cid, set=kind)
+                for v in VARIANTS:
+                    eps = plan["eps"] if kind == "pool" else [0.0]
+                    row[v] = fgsm_predictions(assessor.pipeline(v), image, s, areas, outside, r["dice"], eps)
+                rows.append(row)
+    seconds["predict_and_attack"] = time.perf_counter() - t
+    loads["end"] = load()
+
+    train_rows = [r for p in train_pools.values() for r in p["pool"]]
+    true_train = [r["dice"] for r in train_rows]
+    baselines = {"training_mean": lambda rs: np.full(len(rs), np.mean(true_train))}
+    for cue in ("cue_anomaly", "cue_flair"):
+        f = linear_map([r[cue] for r in train_rows], true_train)
+        baselines[cue] = (lambda f_, c_: lambda rs: f_([r[c_] for r in rs]))(f, cue)
+
+    results = {}
+    for kind in ("pool", "model"):
+        rs = [r for r in rows if r["set"] == kind]
+        true = [r["dice"] for r in rs]
+        res = {}
+        for v in VARIANTS:
+            res[v] = metrics([r[v][0] for r in rs], true)
+            if kind == "pool":
+                res[v]["fgsm_mae"] = {str(e): float(np.mean([abs(r[v][i] - r["dice"]) for r in rs]))
+                                      for i, e in enumerate(plan["eps"])}
+        for name, f in baselines.items():
+            res[name] = metrics(f(rs), true)
+        results[kind] = res
+    pool_hist = np.bincount([dice_bin(r["dice"]) for r in train_rows], minlength=10).tolist()
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": "python benchmarks/quality_assessment.py"
+              + (" --quick" if args.quick else ""), "plan": plan, "machine": machine(), "load_average": loads,
+              "seconds": {k: round(v, 1) for k, v in seconds.items()}, "qa_config": assessor.meta["config"],
+              "train_subjects": train_names, "test_subjects": test_names,
+              "training_pool": {"candidates": len(train_rows), "dice_histogram": pool_hist},
+              "histories": histories, "results": results,
+              "test_rows": [{k: v for k, v in r.items()} for r in rows]}
+    write_text(out.with_suffix(".json"), json.dumps(report, indent=1, default=float))
+    write_text(out.with_suffix(".md"), table(report))
+    print(table(report))
+
+
+def table(report: dict) -> str:
+    plan = report["plan"]
+    lines = [f"Test subjects: {', '.join(report['test_subjects'])}; {report['machine'].get('cpu_model', '?')}, "
+             f"bf16 units: {report['machine']['avx512_bf16']}; load average {report['load_average']}; "
+             f"stage seconds {report['seconds']}", ""]
+    for kind, title in (("pool", "Balanced test pool (VAE segmentations + perturbations)"),
+                        ("model", "Every VAE segmentation of the test subjects (no balancing)")):
+        res = report["results"][kind]
+        n = next(iter(res.values()))
+        lines += [f"**{title}**: {n['n']} segmentations, {n['n_failed']} failed (Dice < {FAIL})", ""]
+        eps = [e for e in plan["eps"] if e > 0] if kind == "pool" else []
+        head = ["predictor", "MAE", "Pearson r", "Spearman rho", "failure AUROC"] + [f"MAE eps {e:g}" for e in eps]
+        lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        for name, m in res.items():
+            cells = [name] + [f"{m[k]:.3f}" if not math.isnan(m[k]) else "n/a"
+                              for k in ("mae", "pearson_r", "spearman_rho", "failure_auroc")]
+            cells += [f"{m['fgsm_mae'][str(e)]:.3f}" for e in eps] if "fgsm_mae" in m else ["" for _ in eps]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
