@@ -62,8 +62,8 @@ from anomaseg.quality.pool import dice_bin, fill_pool, select_balanced  # noqa: 
 from anomaseg.scoring import calibrate  # noqa: E402
 from anomaseg.training import train  # noqa: E402
 
-FULL = dict(healthy=10, lesioned=30, test_subjects=10, image_size=64, vae_epochs=[1, 3, 6],
-            thresholds=[0.5, 0.7, 1.0, 1.4, 2.0], pool_size=20, test_pool_size=12, rec_epochs=15, reg_epochs=10,
+FULL = dict(healthy=8, lesioned=24, test_subjects=8, image_size=64, vae_epochs=[1, 3, 6],
+            thresholds=[0.5, 0.7, 1.0, 1.4, 2.0], pool_size=16, test_pool_size=12, rec_epochs=15, reg_epochs=12,
             batch_size=32, eps=[0.0, 0.05, 0.1, 0.2, 0.3])
 QUICK = dict(healthy=3, lesioned=6, test_subjects=2, image_size=32, vae_epochs=[1, 2], thresholds=[0.7, 1.4],
              pool_size=6, test_pool_size=4, rec_epochs=2, reg_epochs=2, batch_size=16, eps=[0.0, 0.1, 0.3])

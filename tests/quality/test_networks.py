@@ -40,7 +40,7 @@ def test_rec_net_inpaints_a_removed_structure_better_than_its_surroundings():
     x, s = _structure_images(128, rng)
     net = create_network("rec_net", in_channels=1, image_size=32, base_channels=4, depth=2)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    for step in range(60):
+    for step in range(40):
         idx = torch.randint(0, len(x), (16,))
         net.training_step(torch.cat([x[idx], s[idx]], 1), {"model": opt}, lambda loss: loss.backward())
     net.eval()
