@@ -187,14 +187,14 @@ class REGNet(AnomalyModel):
                 "missed_abs_error": (w * (out.missed - missed).abs()).sum()}
 
     def training_step(self, batch: torch.Tensor, optimizers: dict, backward: Callable[[torch.Tensor], None],
-                      autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, float]:
+                      autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, torch.Tensor]:
         opt = optimizers["model"]
         with autocast():
             losses = self.loss(batch, self(self.split(batch)[0]))
         opt.zero_grad(set_to_none=True)
         backward(losses["loss"])
         opt.step()
-        return {k: float(v.detach()) for k, v in losses.items()}
+        return {k: v.detach() for k, v in losses.items()}
 
     @torch.no_grad()
     def validation_losses(self, batch: torch.Tensor) -> dict[str, float]:
