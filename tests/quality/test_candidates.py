@@ -54,7 +54,7 @@ def test_candidate_must_lie_on_the_image_grid(tmp_path):
     shifted[0, 3] = 5
     _save(tmp_path / "a" / "case1_seg.nii.gz", shape=(6, 7, 4))
     _save(tmp_path / "b" / "case1_seg.nii.gz", affine=shifted)
-    for folder, message in (("a", "shape"), ("b", "affine")):
+    for folder, message in (("a", "shape"), ("b", "grid")):
         cand = find_candidates(tmp_path / folder, ["case1"])["case1"]
         with pytest.raises(InputError, match=message) as err:
             cand.load(ref)

@@ -116,7 +116,7 @@ def test_predict_bad_input_names_the_file(qa_model, tmp_path, capsys, problem):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1
     assert (str(segs) if problem == "empty" else name) in err
-    assert {"shape": "shape", "grid": "affine", "case id": "matches no case id", "empty": "no segmentation"}[problem] in err
+    assert {"shape": "shape", "grid": "voxel grid", "case id": "matches no case id", "empty": "no segmentation"}[problem] in err
     assert not out.exists()
 
 
