@@ -97,6 +97,11 @@ def machine() -> dict:
     return info
 
 
+def stage(name: str, seconds: dict) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {name} done in {seconds[name]:.0f} s; load average {load()}",
+          file=sys.stderr, flush=True)
+
+
 def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -184,7 +189,10 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--precision", default="auto", help="QA training precision (auto, bf16, 32)")
     ap.add_argument("--out", help="output stem (default benchmarks/results/quality_assessment[_quick])")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: the machine is shared; the stage times depend on it)")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     plan = QUICK if args.quick else FULL
     suffix = "_quick" if args.quick else ""
     work = Path(args.work or ROOT / "benchmarks" / "results" / f"work_qa{suffix}")
@@ -205,16 +213,19 @@ def main(argv=None) -> None:
     test_dir = link_subjects(phantom, test_names, work / "qa_test")
     cases = find_cases(train_dir, ["flair"]) + find_cases(test_dir, ["flair"])
     seconds["phantom"] = time.perf_counter() - t
+    stage("phantom", seconds)
 
     t = time.perf_counter()
     segs, maps = model_segmentations(plan, phantom, work, cases, progress)
     seconds["vae_segmentations"] = time.perf_counter() - t
+    stage("vae_segmentations", seconds)
     loads["after_vae"] = load()
 
     t = time.perf_counter()
     train_pools = build_pools(plan, cases[:len(train_names)], segs, maps, plan["pool_size"], args.seed)
     test_pools = build_pools(plan, cases[len(train_names):], segs, maps, plan["test_pool_size"], args.seed + 1)
     seconds["pools"] = time.perf_counter() - t
+    stage("pools", seconds)
 
     t = time.perf_counter()
     qa_dir = work / "qa"
@@ -225,6 +236,7 @@ def main(argv=None) -> None:
     given = [Candidate(cid, r["source"], array=r["seg"]) for cid, p in train_pools.items() for r in p["pool"]]
     assessor = fit_quality(train_dir, qa_dir, config, candidates=given, progress=progress)
     seconds["qa_fit"] = time.perf_counter() - t
+    stage("qa_fit", seconds)
     histories = {run: json.loads((qa_dir / run / "history.json").read_text())
                  for run in ["rec"] + [f"reg_{v}" for v in VARIANTS]}
     loads["after_fit"] = load()
@@ -244,6 +256,7 @@ def main(argv=None) -> None:
                     eps = plan["eps"] if kind == "pool" else [0.0]
                     row[v] = fgsm_predictions(assessor.pipeline(v), image, s, areas, outside, r["dice"], eps)
                 rows.append(row)
+        print(f"[{time.strftime('%H:%M:%S')}] assessed {cid}", file=sys.stderr, flush=True)
     seconds["predict_and_attack"] = time.perf_counter() - t
     loads["end"] = load()
 
@@ -268,8 +281,8 @@ def main(argv=None) -> None:
             res[name] = metrics(f(rs), true)
         results[kind] = res
     pool_hist = np.bincount([dice_bin(r["dice"]) for r in train_rows], minlength=10).tolist()
-    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": "python benchmarks/quality_assessment.py"
-              + (" --quick" if args.quick else ""), "plan": plan, "machine": machine(), "load_average": loads,
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join([".venv/bin/python", "benchmarks/quality_assessment.py", *(argv if argv is not None else sys.argv[1:])]),
+              "torch_threads": args.threads, "plan": plan, "machine": machine(), "load_average": loads,
               "seconds": {k: round(v, 1) for k, v in seconds.items()}, "qa_config": assessor.meta["config"],
               "train_subjects": train_names, "test_subjects": test_names,
               "training_pool": {"candidates": len(train_rows), "dice_histogram": pool_hist},
