@@ -63,6 +63,7 @@ class QualityConfig:
     rec_params: dict = field(default_factory=dict)  # RECNet keywords, e.g. {base_channels: 16, depth: 3}
     reg_params: dict = field(default_factory=dict)  # REGNet keywords
     max_steps_per_epoch: int | None = None
+    compile: str = "auto"  # torch.compile of the training step (train.compile: auto | on | off)
     cache_dir: str | None = "default"
 
     def __post_init__(self):
@@ -85,7 +86,8 @@ class QualityConfig:
                                 val_fraction=self.val_fraction, cache_dir=self.cache_dir),
             model=cfg.ModelConfig(name=network, params=dict(params)),
             train=cfg.TrainConfig(epochs=epochs, batch_size=self.batch_size, lr=self.lr, precision=self.precision,
-                                  seed=self.seed, max_steps_per_epoch=self.max_steps_per_epoch),
+                                  seed=self.seed, max_steps_per_epoch=self.max_steps_per_epoch,
+                                  compile=self.compile),
             train_dir=str(Path(data).resolve()))
 
 
