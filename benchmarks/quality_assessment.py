@@ -27,9 +27,10 @@ realistic case of assessing one's own anomaly segmentations.
 Budget: this runs on a 2-core machine shared with other jobs, so torch uses one thread (--threads)
 and the training steps run eagerly (COMPILE). The full plan (FULL) is 8 healthy + 24 lesioned
 subjects, 16 training / 8 test subjects, 12 candidates per subject, REC-Net 10 epochs and REG-Net
-8 epochs per variant, on 32 px slices: shrunk from LARGER (64 px, 16 candidates, 15 / 12 epochs,
-`--larger`) because the training loop ran at 15-20 REC-Net slices/s at 64 px under that load,
-which would have taken several hours.
+8 epochs per variant, on 32 px slices (about 6 minutes there): shrunk from LARGER (64 px, 16
+candidates, 15 / 12 epochs, `--larger`, not run) while a spinning OpenMP thread (see the
+environment settings below) slowed the training loop 20-40x. `--lesioned 56` gives 48 fitting
+subjects (about 13 minutes).
 
 Writes benchmarks/results/quality_assessment.{json,md} (--quick: quality_assessment_quick.*), with
 the machine (lscpu model and flags), the load average and the wall time of each stage.
@@ -87,8 +88,7 @@ LARGER = dict(FULL, image_size=64, pool_size=16, rec_epochs=15, reg_epochs=12)
 QUICK = dict(healthy=3, lesioned=6, test_subjects=2, image_size=32, vae_epochs=[1, 2], thresholds=[0.7, 1.4],
              pool_size=6, test_pool_size=4, rec_epochs=2, reg_epochs=2, batch_size=16, eps=[0.0, 0.1, 0.3])
 VARIANTS = ["difference", "image", "both"]
-# Eager training steps: with one torch thread on this shared machine, the torch.compile'd steps ran
-# 10-15x slower than eager ones (measured: spatial VAE 220 -> 14 slices/s, REC-Net ~190 -> 20).
+# Eager training steps: the runs are short, so compiling (tens of seconds per network) does not pay.
 COMPILE = "off"
 FAIL = 0.5  # a segmentation with true Dice below this has failed
 
