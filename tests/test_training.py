@@ -73,6 +73,16 @@ def test_split_holds_out_whole_cases():
     assert training.split_cases(["only"], 0.2, 0) == (["only"], [])
 
 
+def test_split_holds_out_whole_subjects_with_all_their_sessions():
+    ids = [f"sub-{s:02d}_ses-{t}" for s in range(10) for t in (1, 2, 3)] + ["sub-10"]
+    for seed in range(5):
+        train, val = training.split_cases(ids, 0.2, seed)
+        subjects = lambda cases: {c.split("_")[0] for c in cases}  # noqa: E731
+        assert sorted(train + val) == sorted(ids) and not subjects(train) & subjects(val)
+        assert len(subjects(val)) == 2  # 20% of 11 subjects
+    assert training.split_cases(["sub-01_ses-1", "sub-01_ses-2"], 0.2, 0) == (["sub-01_ses-1", "sub-01_ses-2"], [])
+
+
 def test_cosine_schedule_is_stateless_and_decays_to_zero():
     lrs = [training.scheduled_lr(1e-3, "cosine", s, 100) for s in range(101)]
     assert lrs[0] == 1e-3 and lrs[-1] < 1e-12 and all(a >= b for a, b in zip(lrs, lrs[1:]))

@@ -33,7 +33,7 @@ class DataConfig:
     clip_max: float = 2.0
     min_brain_fraction: float = 0.25
     crop_to_brain: bool = True  # crop slices to the brain's in-plane bounding box before resizing
-    val_fraction: float = 0.2  # healthy cases held out (whole cases) for validation and calibration
+    val_fraction: float = 0.2  # healthy subjects held out (all their cases) for validation and calibration
     cache_dir: str | None = "default"  # "default": $ANOMASEG_CACHE or ~/.cache/anomaseg; null: no cache
     brain_mask: str = "auto"  # cases without a mask file: auto | nonzero | derived | file (data/brainmask.py)
     bids_derivatives: list[str] = field(default_factory=list)  # BIDS training data: pipelines with masks

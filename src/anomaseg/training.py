@@ -65,15 +65,21 @@ PHASES = ("train", "bn", "validation", "samples", "calibration")  # independent 
 
 
 def split_cases(case_ids: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Hold out whole cases (never slices of a training case) for validation and calibration."""
+    """Hold out whole subjects (never slices of a training case, never one session of a subject
+    whose other sessions train) for validation and calibration."""
+    from anomaseg.data.bids import subject_of
+
     ids = sorted(case_ids)
-    if len(ids) < 2 or val_fraction <= 0:
+    subjects: dict[str, list[str]] = {}
+    for cid in ids:
+        subjects.setdefault(subject_of(cid), []).append(cid)
+    if len(subjects) < 2 or val_fraction <= 0:
         return ids, []
-    rng = random.Random(seed)
-    shuffled = ids[:]
-    rng.shuffle(shuffled)
-    n_val = min(len(ids) - 1, max(1, round(val_fraction * len(ids))))
-    return sorted(shuffled[n_val:]), sorted(shuffled[:n_val])
+    shuffled = sorted(subjects)
+    random.Random(seed).shuffle(shuffled)
+    n_val = min(len(shuffled) - 1, max(1, round(val_fraction * len(shuffled))))
+    val = [cid for subject in shuffled[:n_val] for cid in subjects[subject]]
+    return sorted(set(ids) - set(val)), sorted(val)
 
 
 def cache_for(config: cfg.RunConfig) -> CaseCache:

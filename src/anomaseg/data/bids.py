@@ -116,6 +116,12 @@ def case_id(entities: dict) -> str:
     return f"sub-{entities['sub']}" + (f"_ses-{entities['ses']}" if "ses" in entities else "")
 
 
+def subject_of(case: str) -> str:
+    """The subject a case belongs to: 'sub-01_ses-2' -> 'sub-01'; any other case id is its own subject."""
+    head, _, rest = case.partition("_ses-")
+    return head if head.startswith("sub-") and rest else case
+
+
 def case_entities(case: str) -> dict:
     """'sub-01_ses-1' -> {'sub': '01', 'ses': '1'}."""
     return dict(part.split("-", 1) for part in case.split("_"))
