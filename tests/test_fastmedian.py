@@ -78,3 +78,18 @@ def test_small_components_equal_labelling_the_whole_volume():
     corner = np.zeros((10, 10, 10), bool)
     corner[-3:, -3:, -3:] = True  # a component touching the volume's edge
     assert remove_small_components(corner, 27).sum() == 27 and not remove_small_components(corner, 28).any()
+
+
+def test_the_median_leaves_the_thread_count_of_a_one_thread_process_alone():
+    # numba's OpenMP layer used to raise the whole process to all cores on its first call
+    import os
+    import subprocess
+    import sys
+
+    code = ("import numpy as np, torch; from anomaseg.fastmedian import masked_median; "
+            "v = np.random.rand(20, 20, 20).astype(np.float32); masked_median(v, 5, v > 0.2); "
+            "print(torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "1"

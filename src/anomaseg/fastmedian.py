@@ -23,6 +23,9 @@ kernel (a few seconds; numba caches it on disk for later processes).
 
 from __future__ import annotations
 
+import contextlib
+
+import numba
 import numpy as np
 from numba import njit, prange
 from scipy import ndimage
@@ -143,13 +146,32 @@ def masked_median(volume: np.ndarray, size: int | tuple[int, int, int], mask: np
     if axis == 1:
         vol, mask, sizes = vol.transpose(0, 2, 1), mask.transpose(0, 2, 1), (sizes[0], sizes[2], sizes[1])
     vol, mask = np.ascontiguousarray(vol), np.ascontiguousarray(mask)
-    codes = _bin_codes(vol)
-    pad = [(s // 2, s // 2) for s in sizes]
-    padded = np.pad(vol, pad, mode="edge")
-    result = np.zeros(vol.shape, np.float32)
-    _median_lines(padded, padded.view(np.int32), np.pad(codes, pad, mode="edge"), mask,
-                  sizes[0], sizes[1], sizes[2], N_BINS, result, result.view(np.int32))
+    with threads_of_torch():
+        codes = _bin_codes(vol)
+        pad = [(s // 2, s // 2) for s in sizes]
+        padded = np.pad(vol, pad, mode="edge")
+        result = np.zeros(vol.shape, np.float32)
+        _median_lines(padded, padded.view(np.int32), np.pad(codes, pad, mode="edge"), mask,
+                      sizes[0], sizes[1], sizes[2], N_BINS, result, result.view(np.int32))
     return result.transpose(0, 2, 1).copy() if axis == 1 else result
+
+
+@contextlib.contextmanager
+def threads_of_torch():
+    """Run numba's parallel kernels on PyTorch's thread count, and leave that count as it was.
+
+    numba's OpenMP threading layer shares libgomp with PyTorch and sets the thread count of the
+    whole process to its own (all cores) on the first parallel call: a process limited to one
+    thread (OMP_NUM_THREADS=1, `--workers`) then trained its next model on two threads, 10x slower
+    on a 2-core machine that other jobs share (measured in benchmarks/study_defaults.py runs)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _bin_codes(vol: np.ndarray) -> np.ndarray:
