@@ -28,7 +28,7 @@ def _at_least(section, *limits: tuple[str, int]) -> None:
 @dataclass
 class DataConfig:
     modalities: list[str] = field(default_factory=lambda: ["flair"])
-    image_size: int = 128
+    image_size: int = 64  # the default size: benchmarks/README.md, "Defaults"
     percentiles: list[float] = field(default_factory=lambda: [1.0, 99.0])
     clip_max: float = 2.0
     min_brain_fraction: float = 0.25
@@ -121,7 +121,10 @@ class TrainConfig:
 
 @dataclass
 class ScoreConfig:
-    predictor: str = "residual"
+    # None: the model's own default (`AnomalyModel.default_predictor`: grad_elbo with polarity auto
+    # for VAEs with beta <= 0.5, residual with polarity auto otherwise; benchmarks/study_defaults.py),
+    # filled in when the config is built, so a run folder's config.yaml names what it used
+    predictor: str | None = None
     predictor_params: dict = field(default_factory=dict)
     median_size: int = 5  # 3D median filter of the anomaly map (voxels); 0/1 = off
     erosion: int = 3  # brain mask erosion (voxels) before masking the map; 0 = off
@@ -142,6 +145,11 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     train_dir: str | None = None  # healthy training data (folder or datalist)
+
+    def __post_init__(self):
+        if self.score.predictor is None:
+            self.score.predictor, defaults = default_predictor(self.model.name, self.model.params)
+            self.score.predictor_params = {**defaults, **self.score.predictor_params}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -252,11 +260,24 @@ def parse_set(items: list[str]) -> dict:
 
 def resolve(config_file: str | Path | None = None, overrides: dict | None = None) -> RunConfig:
     d = RunConfig().to_dict()
+    d["score"].update(predictor=None, predictor_params={})  # the model's default, once the model is known
     if config_file:
         d = merge(d, load_yaml(config_file))
     if overrides:
         d = merge(d, overrides)
     return RunConfig.from_dict(d, config_file)
+
+
+def default_predictor(model: str, params: dict) -> tuple[str, dict]:
+    """The predictor (name, parameters) that model `model` built with `params` is scored with when
+    the config names none. An unknown model gets the residual: the model check reports the name."""
+    from anomaseg.models import model_entry
+
+    try:
+        constructor = model_entry(model).constructor
+    except KeyError:
+        return "residual", {"polarity": "auto"}
+    return constructor.default_predictor(params)
 
 
 def check_model_and_predictor(config: RunConfig) -> None:

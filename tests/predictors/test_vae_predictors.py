@@ -209,7 +209,7 @@ def test_gradients_are_taken_even_under_no_grad_or_inference_mode(trained, name)
 
 # --------------------------------------------------------------------------- planted lesions
 PLANTED = [("residual", {}, 0.95), ("projection", {}, 0.95), ("projection", {"output": "residual"}, 0.95),
-           ("grad_elbo", {}, 0.95), ("grad_rec", {}, 0.95), ("grad_kl", {}, 0.7), ("combi", {}, 0.95),
+           ("grad_elbo", {}, 0.95), ("grad_elbo", {"polarity": "bright"}, 0.95), ("grad_rec", {}, 0.95), ("grad_kl", {}, 0.7), ("combi", {}, 0.95),
            ("combi", {"mode": "sum"}, 0.95), ("ensemble", {}, 0.95), ("ensemble", {"combine": "max"}, 0.95),
            ("ensemble", {"combine": "product"}, 0.95)]
 

@@ -81,8 +81,11 @@ class _Autoencoder(AnomalyModel):
 
 class _VAE(_Autoencoder):
     variational = True
+    # beta 0.05 (not the plain VAE's 1): the gradient maps of a loosely regularised VAE localise best
+    # (benchmarks/README.md, "Defaults"); Baur et al.'s presets in configs/ keep beta 1
+    DEFAULT_BETA = 0.05
 
-    def __init__(self, beta: float = 1.0, **kwargs):
+    def __init__(self, beta: float = DEFAULT_BETA, **kwargs):
         super().__init__(**kwargs)
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
@@ -102,6 +105,14 @@ class _VAE(_Autoencoder):
             yield
         finally:
             del self._sampling  # back to the class default
+
+    @classmethod
+    def default_predictor(cls, params: dict) -> tuple[str, dict]:
+        """grad_elbo signed by modality for small beta (<= 0.5), where it beat the residual; the
+        residual above, where the KL term blurs the gradient maps (benchmarks/README.md, "Defaults")."""
+        if float(params.get("beta", cls.DEFAULT_BETA)) <= 0.5:
+            return "grad_elbo", {"polarity": "auto"}
+        return super().default_predictor(params)
 
     @staticmethod
     def sample(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

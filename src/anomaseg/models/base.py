@@ -32,6 +32,13 @@ class AnomalyModel(nn.Module):
     prefers_channels_last: bool = True
     reconstructs = True  # forward returns a reconstruction (False for a regressor: no sample images)
 
+    @classmethod
+    def default_predictor(cls, params: dict) -> tuple[str, dict]:
+        """(name, parameters) of the predictor a run of this model uses when its config names none:
+        the residual, signed by modality (FLAIR/T2 bright, T1 both), which beat the unsigned one
+        for every model and modality setting of benchmarks/study_defaults.py."""
+        return "residual", {"polarity": "auto"}
+
     def loss(self, x: torch.Tensor, out: ModelOutput) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 

@@ -103,10 +103,13 @@ class Discriminator(nn.Module):
                                          "L1 + beta*KL + adversarial, alternating updates (GAN or WGAN-GP)",
                 tiny=dict(base_channels=8, max_channels=16, depth=3, latent_channels=4))
 class AnoVAEGAN(SpatialVAE):
+    DEFAULT_BETA = 1.0  # the paper's; the study of the defaults did not cover the GANs
+
     def __init__(self, in_channels: int = 1, image_size: int = 128, depth: int = 4, base_channels: int = 32,
                  max_channels: int = 128, adversarial: str = "gan", adv_weight: float = 1.0,
                  d_steps: int | None = None, gp_weight: float = 10.0,
                  betas: tuple[float, float] | list[float] | None = (0.5, 0.9), **vae_params):
+        vae_params.setdefault("beta", self.DEFAULT_BETA)
         super().__init__(in_channels=in_channels, image_size=image_size, depth=depth,
                          base_channels=base_channels, max_channels=max_channels, **vae_params)
         if adversarial not in ADVERSARIAL:
