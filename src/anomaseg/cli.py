@@ -23,7 +23,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
-    p.add_argument("--image-size", type=int, help="model input size, a power of two >= 32 (default 128)")
+    p.add_argument("--image-size", type=int, help="model input size, a power of two >= 32 (default 64)")
     p.add_argument("--modality", help="modality or comma-separated modalities used as channels (default flair)")
     p.add_argument("--precision", choices=["auto", "bf16", "32", "16"],
                    help="auto = bf16 autocast where the CPU/GPU runs it fast, else fp32")
@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--out", help="output folder (BIDS data: default DATA/derivatives/anomaseg, a BIDS-derivatives dataset)")
     _add_bids_options(p)
-    p.add_argument("--predictor", help="predictor name (default: the run's, residual)")
+    p.add_argument("--predictor", help="predictor name (default: the run's; without a config, grad_elbo for small-beta VAEs, else residual)")
     p.add_argument("--predictor-params", metavar="YAML", help=PREDICTOR_PARAMS_HELP)
     p.add_argument("--workers", type=int, default=1, help=WORKERS_HELP)
     p.add_argument("--qa", metavar="QA", help="QA model (`anomaseg qa fit`): add each segmentation's predicted Dice")
