@@ -116,10 +116,11 @@ def trainer_run(data: Path, size: int, batch: int, steps: int, precision: str, c
     config = cfg.resolve(overrides={
         "data": {"image_size": size, "val_fraction": 0.0},
         "train": {"epochs": 2, "batch_size": batch, "precision": precision, "channels_last": channels_last,
-                  "compile": "on" if compile_ else "off", "max_steps_per_epoch": steps, "lr": 5e-4}})
+                  "compile": "on" if compile_ else "off", "max_steps_per_epoch": steps, "lr": 5e-4,
+                  "accelerator": device}})
     config.train_dir = str(data)
     with tempfile.TemporaryDirectory() as run:
-        history = Trainer(config, Path(run) / "run", progress=False, accelerator=device).fit()["history"]
+        history = Trainer(config, Path(run) / "run", progress=False).fit()["history"]
     first = steps * batch / history[0]["slices_per_second"]
     return history[-1]["slices_per_second"], first
 
