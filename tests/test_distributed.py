@@ -172,3 +172,16 @@ def test_killed_multi_process_run_resumes(two_process_run, data, tmp_path):
     h = history(other)
     assert [r["epoch"] for r in h] == [1, 2, 3]
     assert h[-1]["train_loss"] == pytest.approx(history(two)[-1]["train_loss"], rel=0.05)
+
+
+@pytest.mark.parametrize("variable", ["RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"])
+def test_only_rank_zero_takes_the_run_folder_lock(monkeypatch, variable):
+    from anomaseg.distributed import RANK_VARIABLES, started_by_launcher
+
+    for name in RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert not started_by_launcher()  # a plain command
+    monkeypatch.setenv(variable, "0")
+    assert not started_by_launcher()  # rank 0 of a launched run holds the lock
+    monkeypatch.setenv(variable, "3")
+    assert started_by_launcher()

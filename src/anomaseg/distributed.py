@@ -24,10 +24,13 @@ import torch
 import torch.distributed as dist
 
 
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")  # Fabric / torchrun, and srun's tasks
+
+
 def started_by_launcher() -> bool:
-    """True in the processes that Fabric (or torchrun, SLURM) started beside the one the user ran:
-    they write into the same run folder by design, so they must not take its lock."""
-    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
+    """True in the processes of a multi-process run other than rank 0 (started by Fabric, torchrun
+    or srun beside it): they write into the same run folder by design, so they must not take its lock."""
+    return any(os.environ.get(name, "0") != "0" for name in RANK_VARIABLES)
 
 
 def world_size() -> int:
