@@ -39,7 +39,7 @@ from anomaseg.report import CaseOverlay, SideBySide, write_comparison_report, wr
 from anomaseg.parallel import run_sharded, worker_device
 from anomaseg.report_viewer import MAX_VIEWERS, case_slices
 from anomaseg.run import load_run_config
-from anomaseg.scoring import (OUTPUT_MARKER, ScorerSource, _check_output_dir, _prepare_one, _test_cases,
+from anomaseg.scoring import (OUTPUT_MARKER, ScorerSource, check_output_dir, prepare_one, cases_to_score,
                               bids_output_info, resolve_predictors)
 
 BASELINE = "intensity"  # the predictor every evaluation is compared with
@@ -225,7 +225,7 @@ def evaluate_shard(rank: int, cases: list, report, job: EvaluationJob, out: Path
     side_by_side: list[tuple[int, str, SideBySide]] = []  # (lesion voxels, case id, panel), largest first
     for case in cases:
         report(case.case_id)
-        prepared = _prepare_one(case, spec, config)
+        prepared = prepare_one(case, spec, config)
         ref = load_volume(prepared.reference, header_only=True) if job.save_maps else None
         row, to2d = _side_by_side_row(prepared) if len(tallies) > 1 else (None, None)
         qa_case = assessor.prepare(case) if assessor is not None else None  # read without its ground truth
@@ -291,12 +291,12 @@ def evaluate_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path,
     With `qa` (a folder from `anomaseg qa fit`), every per-case row also gets the `predicted_dice`
     of its segmentation, predicted without the case's ground truth."""
     out_dir = Path(out_dir)
-    _check_output_dir(out_dir)
+    check_output_dir(out_dir)
     qa = None if qa is None else str(Path(qa).resolve())
     load_assessor(qa)  # a bad QA folder fails here, before any work
     run_dir = str(Path(run_dir).resolve())
     config = load_run_config(run_dir)
-    cases, spec = _test_cases(run_dir, data, config, require_seg=True, bids=bids)
+    cases, spec = cases_to_score(run_dir, data, config, require_seg=True, bids=bids)
     built = {}  # label -> (source, fitted scorer); calibrated here, once, before any worker starts
     for label, (name, params) in predictor_specs(run_dir, predictors, predictor_params).items():
         source = ScorerSource(run_dir, name, params)

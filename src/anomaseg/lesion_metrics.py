@@ -33,7 +33,6 @@ __all__ = ["SIZE_BINS_ML", "CaseLesions", "LesionMetrics", "case_lesions", "size
 
 SIZE_BINS_ML = (0.1, 1.0, 10.0)  # edges of the volume strata in ml
 SIZE_BIN_NAMES = ("<0.1 ml", "0.1-1 ml", "1-10 ml", ">10 ml")
-_STRUCTURE = np.ones((3, 3, 3), bool)  # 26-connectivity
 
 
 def size_bin(volume_ml: float) -> str:
@@ -79,7 +78,7 @@ def case_lesions(prediction: np.ndarray, truth: np.ndarray, spacing_mm=(1.0, 1.0
         raise ValueError(f"prediction {pred.shape} and truth {true.shape} differ in shape")
     if brain is not None:
         pred, true = pred & brain, true & brain
-    structure = _STRUCTURE if pred.ndim == 3 else np.ones((3,) * pred.ndim, bool)
+    structure = np.ones((3,) * pred.ndim, bool)  # full connectivity (26 in 3D), as postprocess
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0
     true_labels, n_true = ndimage.label(true, structure=structure)
     pred_labels, n_pred = ndimage.label(pred, structure=structure)
@@ -167,7 +166,7 @@ class LesionMetrics:
         avd_ml = [abs(c.volume_predicted_ml - c.volume_true_ml) for c in cases]
         avd_pct = [100.0 * abs(c.volume_predicted_ml - c.volume_true_ml) / c.volume_true_ml
                    for c in cases if c.true_voxels]
-        dice, auprc = _mean_std(dice_values), _mean_std(auprc_values)
+        dice, auprc, avd = _mean_std(dice_values), _mean_std(auprc_values), _mean_std(avd_ml)
         return {
             "per_volume_dice_mean": dice["mean"], "per_volume_dice_std": dice["std"],
             "per_volume_auprc_mean": auprc["mean"], "per_volume_auprc_std": auprc["std"],
@@ -176,8 +175,7 @@ class LesionMetrics:
             "n_true_lesions": n_true, "n_detected_lesions": n_detected, "n_predicted_lesions": n_pred,
             "n_false_positive_lesions": n_pred - n_pred_true,
             "false_positive_lesions_per_case": _mean_std(fp)["mean"],
-            "abs_volume_difference_ml_mean": _mean_std(avd_ml)["mean"],
-            "abs_volume_difference_ml_std": _mean_std(avd_ml)["std"],
+            "abs_volume_difference_ml_mean": avd["mean"], "abs_volume_difference_ml_std": avd["std"],
             "abs_volume_difference_percent_mean": _mean_std(avd_pct)["mean"],
             "recall_by_lesion_size": by_size,
         }

@@ -220,19 +220,19 @@ def resolve_predictors(run_dir: str | Path, names: str | None) -> list[str]:
 
 
 # --------------------------------------------------------------------------- outputs
-def _check_output_dir(out: Path) -> None:
+def check_output_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise InputError(out, "output exists and is a file, not a folder; choose another --out")
     if out.exists() and any(out.iterdir()) and not (out / OUTPUT_MARKER).exists():
         raise InputError(out, "output folder exists and was not written by anomaseg; choose another --out")
 
 
-def _test_cases(run_dir, data, config: cfg.RunConfig, require_seg: bool, bids=None):
+def cases_to_score(run_dir, data, config: cfg.RunConfig, require_seg: bool, bids=None):
     cases = find_cases(data, config.data.modalities, require_seg=require_seg, bids=bids)
     return cases, config.data.slice_spec()
 
 
-def _prepare_one(case, spec: SliceSpec, config):
+def prepare_one(case, spec: SliceSpec, config):
     return prepare_cases([case], spec, cache_for(config), progress=False)[0]
 
 
@@ -321,7 +321,7 @@ def score_dataset(run_dir: str | Path | None, data: str | Path, out_dir: str | P
     from anomaseg.quality.assessor import load_assessor
 
     out_dir = Path(out_dir)
-    _check_output_dir(out_dir)
+    check_output_dir(out_dir)
     qa = None if qa is None else str(Path(qa).resolve())
     load_assessor(qa)  # a bad QA folder fails here, before any work
     if onnx is not None:

@@ -55,10 +55,11 @@ def check_candidates(candidates: list[Candidate], cases: dict, modality: str) ->
             check_same_grid(ref, load_volume(cand.path, kind="segmentation", header_only=True), "segmentation")
 
 
-def _case_of(stem: str, ids: list[str]) -> tuple[str | None, str | None]:
-    """(case id, suffix) of a file stem: the longest case id that the stem is, or starts with plus a
-    separator; (None, None) when no case matches."""
-    for cid in sorted(ids, key=len, reverse=True):
+def _case_of(stem: str, longest_first: list[str]) -> tuple[str | None, str | None]:
+    """(case id, suffix) of a file stem: the first (longest) case id that the stem is, or starts with
+    plus a separator; (None, None) when no case matches. `longest_first`: case ids sorted by length,
+    longest first."""
+    for cid in longest_first:
         if stem == cid:
             return cid, ""
         if stem.startswith(cid) and len(stem) > len(cid) + 1 and stem[len(cid)] in "_-":
@@ -75,8 +76,9 @@ def find_candidates(folder: str | Path, case_ids: list[str]) -> dict[str, Candid
     files += [f for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".") for f in d.iterdir() if f.is_file()]
     files = sorted(f for f in files if (is_nifti(f) or is_png(f)) and not f.name.startswith("."))
     found: dict[str, Candidate] = {}
+    longest_first = sorted(case_ids, key=len, reverse=True)
     for f in files:
-        cid, suffix = _case_of(nifti_stem(f), case_ids)
+        cid, suffix = _case_of(nifti_stem(f), longest_first)
         if cid is None:
             examples = ", ".join(sorted(case_ids)[:3])
             raise InputError(f, f"file name matches no case id of the dataset (expected <case>.nii.gz or "

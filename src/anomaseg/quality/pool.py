@@ -30,6 +30,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from anomaseg.metrics import dice_score
+from anomaseg.postprocess import bounding_box
 
 KINDS = ("erode", "dilate", "shift", "drop", "add", "boundary", "threshold", "combined")
 N_BINS = 10
@@ -42,19 +43,8 @@ def _ball(radius: int) -> np.ndarray:
     return (x * x + y * y + z * z) <= r * r + 0.5
 
 
-def _box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
-    """Bounding box of `mask` plus `margin` voxels (the whole array when `mask` is empty)."""
-    if not mask.any():
-        return tuple(slice(0, s) for s in mask.shape)
-    out = []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        out.append(slice(max(0, hit[0] - margin), min(mask.shape[axis], hit[-1] + 1 + margin)))
-    return tuple(out)
-
-
 def _morph(seg: np.ndarray, radius: int, dilate: bool) -> np.ndarray:
-    box = _box(seg, radius + 1)
+    box = bounding_box(seg, radius + 1)
     out = np.zeros_like(seg)
     op = ndi.binary_dilation if dilate else ndi.binary_erosion
     out[box] = op(seg[box], structure=_ball(radius))
@@ -111,7 +101,7 @@ def perturb(kind: str, truth: np.ndarray, brain: np.ndarray, rng: np.random.Gene
         return out
     if kind == "boundary":
         amp = rng.uniform(0.3, 3.0)
-        box = _box(truth, int(np.ceil(3 * amp)) + 2)
+        box = bounding_box(truth, int(np.ceil(3 * amp)) + 2)
         t = truth[box]
         signed = ndi.distance_transform_edt(t) - ndi.distance_transform_edt(~t)  # > 0 inside
         out = np.zeros_like(truth)
