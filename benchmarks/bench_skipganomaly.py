@@ -30,9 +30,13 @@ Our rows run `SkipGANomaly.training_step` (models/skip_ganomaly.py): the paper's
 weights, discriminator update first, then the generator against the updated discriminator:
 - ours_fp32_reference_layout: contiguous tensors, torch.optim.Adam (the official settings);
 - ours_fp32: + fused Adam (anomaseg's optimiser);
-- ours_fp32_cl: + channels_last: anomaseg's default on a CPU without bf16;
-- ours_default: what `--precision auto` picks here (bf16 autocast on CPUs/GPUs with bf16 units),
-  channels_last, fused Adam (only when that is not fp32).
+- ours_fp32_cl: + channels_last (NHWC), which `train.channels_last: auto` leaves off for
+  Skip-GANomaly on a CPU, where it was slower; ours_fp32 is therefore anomaseg's default on a CPU
+  without bf16 units;
+- ours_bf16, ours_bf16_cl: bf16 autocast, without and with channels_last (only where `--precision
+  auto` picks bf16: CPUs/GPUs with bf16 units).
+The JSON's `default_row` names the row of anomaseg's defaults here (`--precision auto`,
+`channels_last: auto`, fused Adam).
 Rows are interleaved and repeated; medians and ratios against the official row of the same run.
 """
 
@@ -60,7 +64,9 @@ sys.path.insert(0, str(ROOT))
 from anomaseg import runtime  # noqa: E402
 from anomaseg.atomic import write_text  # noqa: E402
 from anomaseg.models import create_model  # noqa: E402
-from bench_speed import machine_info, synchronize  # noqa: E402
+from anomaseg.models.skip_ganomaly import SkipGANomaly  # noqa: E402
+from anomaseg.training import training_memory_format  # noqa: E402
+from bench_speed import machine_info, set_threads, synchronize  # noqa: E402
 
 LR, BETAS = 2e-4, (0.5, 0.999)
 W_ADV, W_CON, W_LAT = 1.0, 50.0, 1.0
@@ -138,10 +144,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=2, help="timed steps per measurement")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS, else all CPUs)")
     ap.add_argument("--out", default=None, help="default: results/skipganomaly_<device>.json")
     args = ap.parse_args()
     device = runtime.default_device() if args.device == "auto" else args.device
-    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    set_threads(args.threads)
     size, batch, base = args.size, args.batch_size, args.base_channels
     top = 8 * base  # the official UnetGenerator's inner width is ngf * 8
     here = {"bf16-mixed": "bf16", "32-true": "32", "16-mixed": "16"}[runtime.fabric_precision("auto", device)]
@@ -157,7 +164,10 @@ def main() -> None:
     steps["ours_fp32"] = ours_step(size, batch, base, top, device, "32", False, True)
     steps["ours_fp32_cl"] = ours_step(size, batch, base, top, device, "32", True, True)
     if here != "32":
-        steps["ours_default"] = ours_step(size, batch, base, top, device, here, True, True)
+        steps[f"ours_{here}"] = ours_step(size, batch, base, top, device, here, False, True)
+        steps[f"ours_{here}_cl"] = ours_step(size, batch, base, top, device, here, True, True)
+    nhwc = training_memory_format(SkipGANomaly, "auto", device) == torch.channels_last
+    default_row = "ours_" + ("fp32" if here == "32" else here) + ("_cl" if nhwc else "")
 
     x_all = torch.rand(4 * batch, 1, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     counter = [0]
@@ -174,7 +184,7 @@ def main() -> None:
 
     load_before = os.getloadavg()
     print(f"device {device}; {size} px, batch {batch}, channels {base}/{top}; --precision auto picks {here}; "
-          f"load average {load_before[0]:.1f}", flush=True)
+          f"{torch.get_num_threads()} threads; load average {load_before[0]:.1f}", flush=True)
     for step, memory_format in steps.values():  # warm-up
         measure(step, memory_format, 1)
     samples = {k: [] for k in steps}
@@ -186,7 +196,7 @@ def main() -> None:
     ref = med.get("official_fp32")
     report = {"size": size, "batch_size": batch, "channels": [base, top], "steps": args.steps,
               "repeats": args.repeats, "auto_precision_here": here, "official_checkout": str(official) if official else None,
-              "images_per_second": med, "samples": samples,
+              "default_row": default_row, "images_per_second": med, "samples": samples,
               "ratio_vs_official": {k: v / ref for k, v in med.items()} if ref else None,
               "machine": machine_info(device), "load_average_before": load_before,
               "load_average_after": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M")}
@@ -195,7 +205,7 @@ def main() -> None:
     cpu = report["machine"]["cpu"]
     print(f"\n{cpu['model']} ({', '.join(cpu['key_flags'])}); load {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}")
     for k, v in med.items():
-        print(f"{k}: {v:.2f} img/s" + (f" ({v / ref:.2f}x official)" if ref else ""))
+        print(f"{k}: {v:.2f} img/s" + (f" ({v / ref:.2f}x official)" if ref else "") + (" <- default" if k == default_row else ""))
     print(f"-> {out}")
 
 

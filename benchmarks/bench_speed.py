@@ -125,6 +125,17 @@ def trainer_run(data: Path, size: int, batch: int, steps: int, precision: str, c
     return history[-1]["slices_per_second"], first
 
 
+def set_threads(threads: int | None) -> int:
+    """torch threads for a benchmark: --threads if given, else OMP_NUM_THREADS if set, else every CPU
+    this process may run on. (The runs of issue 13 labelled "one thread" had OMP_NUM_THREADS=1
+    overridden here and ran two threads on a machine whose other core was busy.)"""
+    if threads is None and not os.environ.get("OMP_NUM_THREADS"):
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
 def machine_info(device: str) -> dict:
     info = {"cpu": runtime.cpu_info(), "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
@@ -163,11 +174,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="default: 32 on a CPU, 128 on a GPU")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS, else all CPUs)")
     ap.add_argument("--out", default=None, help="default: results/speed_<device>[_nobf16].json")
     args = ap.parse_args()
     device = runtime.default_device() if args.device == "auto" else args.device
     batch = args.batch_size or (32 if device == "cpu" else 128)
-    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    set_threads(args.threads)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "anomaseg" / "inductor"))
     here = auto_precision(device)
     without_bf16 = auto_precision(device, assume_no_bf16=True)
@@ -175,7 +187,7 @@ def main() -> None:
     out = Path(args.out) if args.out else ROOT / "results" / f"speed_{device}{suffix}.json"
     load_before = os.getloadavg()
     print(f"device {device}; --precision auto picks {here} here ({without_bf16} without bf16 units); "
-          f"batch {batch}; load average {load_before[0]:.1f}", flush=True)
+          f"batch {batch}; {torch.get_num_threads()} threads; load average {load_before[0]:.1f}", flush=True)
 
     from anomaseg.data.layout import find_cases
     from anomaseg.data.slices import CaseCache, prepare_cases, training_slices

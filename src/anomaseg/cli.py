@@ -9,13 +9,8 @@ import sys
 import warnings
 from pathlib import Path
 
-# Idle OpenMP threads sleep instead of spinning (unless the user chose otherwise). Read once, when
-# torch loads, so it is set here, before anything imports torch: on a machine shared with other
-# work, spinning threads made a 2-thread training step 4.5x slower (benchmarks/bench_threads.py).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from anomaseg.errors import InputError, InputWarning  # noqa: E402
-from anomaseg.parallel import WorkerError  # noqa: E402
+from anomaseg.errors import InputError, InputWarning, one_line
+from anomaseg.parallel import WorkerError
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -442,13 +437,13 @@ def main(argv: list[str] | None = None) -> int:
             with lock:
                 return args.func(args)
     except InputError as exc:
-        print(f"anomaseg: error: {_one_line(str(exc))}", file=sys.stderr)
+        print(f"anomaseg: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except OSError as exc:  # the environment: a full disk, a read-only folder, a file in the way
         if os.environ.get("ANOMASEG_DEBUG"):
             raise
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"anomaseg: error: {where}{_one_line(exc.strerror or str(exc))} (outputs are written whole or "
+        print(f"anomaseg: error: {where}{one_line(exc.strerror or str(exc))} (outputs are written whole or "
               "not at all: nothing was left half-written)", file=sys.stderr)
         return 2
     except WorkerError as exc:
@@ -457,10 +452,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("anomaseg: interrupted (a training run continues with --resume)", file=sys.stderr)
         return 130
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -20,3 +20,12 @@ class InputError(Exception):
 class InputWarning(UserWarning):
     """Input that works but may not mean what the user thinks (e.g. a brain mask derived from the
     images). The CLI prints it as one line, once per message."""
+
+
+def one_line(message: str | BaseException) -> str:
+    """A message (or an exception's) on one line: what the CLI prints; an empty exception message
+    gives the exception's type name."""
+    text = " ".join(str(message).split())
+    if not text and isinstance(message, BaseException):
+        return message.__class__.__name__
+    return text

@@ -58,7 +58,7 @@ class SideBySide:
 # ----------------------------------------------------------------------------------------------
 
 
-def _esc(x: Any) -> str:
+def escape_html(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
 
@@ -86,19 +86,20 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
-def _mpl_text(s: str) -> str:
+def mpl_text(s: str) -> str:
     """Text for matplotlib: escape '$' so case ids never switch on mathtext."""
     return str(s).replace("$", r"\$")
 
 
-def _png(fig) -> str:
+def png_data_uri(fig) -> str:
+    """A matplotlib figure as a PNG data URI, at the report's resolution."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=_DPI)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _img(data_uri: str, alt: str) -> str:
-    return f'<img alt="{_esc(alt)}" src="{data_uri}">'
+    return f'<img alt="{escape_html(alt)}" src="{data_uri}">'
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,7 +123,7 @@ def _curves_png(metrics: dict, curves: dict, baseline: tuple[dict, dict] | None 
     ax_roc, ax_pr = fig.subplots(1, 2)
     if baseline is not None:
         b_metrics, b_curves = baseline
-        name = _mpl_text(f"baseline: {b_metrics.get('predictor', 'intensity')}")
+        name = mpl_text(f"baseline: {b_metrics.get('predictor', 'intensity')}")
         if b_curves.get("fpr"):
             ax_roc.plot(b_curves["fpr"], b_curves["tpr"], color=_BASELINE_COLOUR, lw=1.4,
                         label=f"{name} (AUROC {_fmt(b_metrics.get('pixel_auroc'))})")
@@ -155,7 +156,7 @@ def _curves_png(metrics: dict, curves: dict, baseline: tuple[dict, dict] | None 
     ax_pr.set_aspect("equal")
     ax_pr.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return png_data_uri(fig)
 
 
 def _prevalence(metrics: dict, precision: list, recall: list) -> float | None:
@@ -225,9 +226,9 @@ def _overlay_png(ov: CaseOverlay) -> str:
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(_mpl_text(f"{ov.case_id} — Dice {_fmt(ov.dice)}"), fontsize=10)
+    fig.suptitle(mpl_text(f"{ov.case_id} — Dice {_fmt(ov.dice)}"), fontsize=10)
     fig.tight_layout()
-    return _png(fig)
+    return png_data_uri(fig)
 
 
 def _side_by_side_png(row: SideBySide) -> str:
@@ -244,14 +245,14 @@ def _side_by_side_png(row: SideBySide) -> str:
     for ax, (name, amap) in zip(axes[1:], row.maps.items()):
         lo, hi = _finite_range(np.asarray(amap, dtype=np.float32))
         ax.imshow(amap, cmap="inferno", vmin=lo, vmax=hi, interpolation="nearest")
-        ax.set_title(_mpl_text(name), fontsize=9)
+        ax.set_title(mpl_text(name), fontsize=9)
     for ax in axes:
         _outline(ax, row.truth, _TRUE_COLOUR, "dashed")
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(_mpl_text(f"{row.case_id} (true outline dashed)"), fontsize=10)
+    fig.suptitle(mpl_text(f"{row.case_id} (true outline dashed)"), fontsize=10)
     fig.tight_layout()
-    return _png(fig)
+    return png_data_uri(fig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,12 +285,12 @@ def _scalar_items(metrics: dict) -> list[tuple[str, Any]]:
 
 def _summary_html(metrics: dict) -> str:
     rows = "".join(
-        f'<tr><td class="key">{_esc(k)}</td><td>{_esc(_fmt(v))}</td></tr>' for k, v in _scalar_items(metrics)
+        f'<tr><td class="key">{escape_html(k)}</td><td>{escape_html(_fmt(v))}</td></tr>' for k, v in _scalar_items(metrics)
     )
     parts = [f'<table><tr><th class="key">metric</th><th>value</th></tr>{rows}</table>']
     warnings = metrics.get("warnings")
     if isinstance(warnings, (list, tuple)) and warnings:
-        items = "".join(f"<li>{_esc(w)}</li>" for w in warnings)
+        items = "".join(f"<li>{escape_html(w)}</li>" for w in warnings)
         parts.append(f'<ul class="warn">{items}</ul>')
     return "\n".join(parts)
 
@@ -303,7 +304,7 @@ def _per_case_html(per_case: list[dict]) -> str:
         for k in row:
             if k not in columns:
                 columns.append(k)
-    head = "".join(f'<th class="key">{_esc(c)}</th>' if c == "case_id" else f"<th>{_esc(c)}</th>" for c in columns)
+    head = "".join(f'<th class="key">{escape_html(c)}</th>' if c == "case_id" else f"<th>{escape_html(c)}</th>" for c in columns)
     body = []
     for row in per_case:
         cells = []
@@ -312,7 +313,7 @@ def _per_case_html(per_case: list[dict]) -> str:
             if isinstance(v, np.generic):
                 v = v.item()
             cls = ' class="key"' if c == "case_id" or isinstance(v, str) else ""
-            cells.append(f"<td{cls}>{_esc(_fmt(v))}</td>")
+            cells.append(f"<td{cls}>{escape_html(_fmt(v))}</td>")
         body.append(f"<tr>{''.join(cells)}</tr>")
     return f"<table class=\"sortable\"><tr>{head}</tr>{''.join(body)}</table>"
 
@@ -332,28 +333,28 @@ def _clinical_html(metrics: dict, baseline: dict | None) -> str:
     def cell(m, mean, std):
         text = _fmt(m.get(mean))
         if std and m.get(std) is not None:
-            text += f" &plusmn; {_esc(_fmt(m.get(std)))}"
+            text += f" &plusmn; {escape_html(_fmt(m.get(std)))}"
         return f"<td>{text}</td>"
 
     columns = [(str(metrics.get("predictor", "model")), metrics)]
     if baseline:
         columns.insert(0, (f"{baseline.get('predictor', 'intensity')} (baseline)", baseline))
-    head = "".join(f"<th>{_esc(name)}</th>" for name, _ in columns)
-    body = "".join(f'<tr><td class="key">{_esc(label)}</td>' + "".join(cell(m, mean, std) for _, m in columns)
+    head = "".join(f"<th>{escape_html(name)}</th>" for name, _ in columns)
+    body = "".join(f'<tr><td class="key">{escape_html(label)}</td>' + "".join(cell(m, mean, std) for _, m in columns)
                    + "</tr>" for label, mean, std in CLINICAL_ROWS)
-    note = (f'<p class="note">Per-volume means over the {_esc(_fmt(metrics.get("per_volume_n_cases")))} cases with '
+    note = (f'<p class="note">Per-volume means over the {escape_html(_fmt(metrics.get("per_volume_n_cases")))} cases with '
             "lesions; a true lesion is detected when a predicted component overlaps it; "
-            f"{_esc(_fmt(metrics.get('n_true_lesions')))} true and "
-            f"{_esc(_fmt(metrics.get('n_predicted_lesions')))} predicted lesions.</p>")
+            f"{escape_html(_fmt(metrics.get('n_true_lesions')))} true and "
+            f"{escape_html(_fmt(metrics.get('n_predicted_lesions')))} predicted lesions.</p>")
     return f'<table><tr><th class="key">metric</th>{head}</tr>{body}</table>{note}'
 
 
 def _versus_baseline_html(metrics: dict, baseline: dict, keys: list[str]) -> str:
     """The predictor against the baseline: one row each, the baseline first."""
-    head = "".join(f"<th>{_esc(k)}</th>" for k in keys)
+    head = "".join(f"<th>{escape_html(k)}</th>" for k in keys)
     rows = [(f"{baseline.get('predictor', 'intensity')} (baseline)", baseline),
             (str(metrics.get("predictor", "model")), metrics)]
-    body = "".join(f'<tr><td class="key">{_esc(name)}</td>' + "".join(f"<td>{_esc(_fmt(m.get(k)))}</td>" for k in keys)
+    body = "".join(f'<tr><td class="key">{escape_html(name)}</td>' + "".join(f"<td>{escape_html(_fmt(m.get(k)))}</td>" for k in keys)
                    + "</tr>" for name, m in rows)
     return f'<table><tr><th class="key">method</th>{head}</tr>{body}</table>'
 
@@ -423,7 +424,7 @@ def write_report(
         for ov in overlays:
             caption = f"{ov.case_id} — Dice {_fmt(ov.dice)}"
             sections.append(
-                f"<figure>{_img(_overlay_png(ov), caption)}<figcaption>{_esc(caption)}</figcaption></figure>"
+                f"<figure>{_img(_overlay_png(ov), caption)}<figcaption>{escape_html(caption)}</figcaption></figure>"
             )
     else:
         sections.append('<p class="note">no overlays</p>')
@@ -432,9 +433,9 @@ def write_report(
     doc = (
         "<!DOCTYPE html>\n"
         '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f"<title>{_esc(title)}</title>\n<style>{_CSS}{report_viewer.css()}</style>\n</head>\n<body>\n"
-        f"<h1>{_esc(title)}</h1>\n"
-        f'<p class="note">generated {_esc(created)} by anomaseg</p>\n'
+        f"<title>{escape_html(title)}</title>\n<style>{_CSS}{report_viewer.css()}</style>\n</head>\n<body>\n"
+        f"<h1>{escape_html(title)}</h1>\n"
+        f'<p class="note">generated {escape_html(created)} by anomaseg</p>\n'
         + "\n".join(sections)
         + "\n" + report_viewer.script_html()
         + "\n</body>\n</html>\n"
@@ -449,11 +450,11 @@ def write_comparison_report(path, summary: dict, rows: list[SideBySide], keys: l
     table (``keys`` as columns; each predictor links to its own report in ``<predictor>/report.html``;
     the predictor named ``baseline`` is marked as such) and, per case in ``rows``, the maps of every
     predictor side by side. Written atomically."""
-    head = "".join(f"<th>{_esc(k)}</th>" for k in keys)
+    head = "".join(f"<th>{escape_html(k)}</th>" for k in keys)
     body = "".join(
-        f'<tr><td class="key"><a href="{_esc(name)}/report.html">{_esc(name)}</a>'
+        f'<tr><td class="key"><a href="{escape_html(name)}/report.html">{escape_html(name)}</a>'
         + (" (baseline)" if name == baseline else "") + "</td>"
-        + "".join(f"<td>{_esc(_fmt(m.get(k)))}</td>" for k in keys) + "</tr>"
+        + "".join(f"<td>{escape_html(_fmt(m.get(k)))}</td>" for k in keys) + "</tr>"
         for name, m in summary.items()
     )
     sections = [f'<h2>Metrics</h2><table><tr><th class="key">predictor</th>{head}</tr>{body}</table>',
@@ -462,7 +463,7 @@ def write_comparison_report(path, summary: dict, rows: list[SideBySide], keys: l
         ['<p class="note">no cases</p>']
     created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     doc = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-           f"<title>{_esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n<h1>{_esc(title)}</h1>\n"
-           f'<p class="note">generated {_esc(created)} by anomaseg</p>\n' + "\n".join(sections)
+           f"<title>{escape_html(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n<h1>{escape_html(title)}</h1>\n"
+           f'<p class="note">generated {escape_html(created)} by anomaseg</p>\n' + "\n".join(sections)
            + "\n</body>\n</html>\n")
     write_text(Path(path), doc.encode("ascii", "xmlcharrefreplace").decode("ascii"))

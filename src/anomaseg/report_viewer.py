@@ -16,12 +16,13 @@ inline: the page opens offline and loads nothing.
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 from dataclasses import dataclass
 
 import numpy as np
+
+from anomaseg.report import escape_html, mpl_text, png_data_uri
 
 MAX_VIEWERS = 8  # cases with a slice viewer in one report (half best, half worst by Dice)
 MAX_SIDE = 128  # slices are shown at model size, downsampled to at most this many pixels
@@ -186,10 +187,6 @@ _SCRIPT = r"""
 """
 
 
-def _esc(x) -> str:
-    return html.escape(str(x), quote=True)
-
-
 def viewers_html(cases: list[CaseSlices]) -> str:
     if not cases:
         return '<p class="note">no slice viewers</p>'
@@ -201,8 +198,8 @@ def viewers_html(cases: list[CaseSlices]) -> str:
         spec = {"n": c.n_slices, "side": c.side, "first": c.first, "image": c.image_uri, "map": c.map_uri,
                 "masks": c.masks_uri}
         parts.append(
-            f'<div class="viewer" id="viewer-{_esc(c.case_id)}" tabindex="0" data-spec="{_esc(json.dumps(spec))}">'
-            f"<div><b>{_esc(c.case_id)}</b> &mdash; Dice {c.dice:.3f}; map scale {c.map_range[0]:.3g} to "
+            f'<div class="viewer" id="viewer-{escape_html(c.case_id)}" tabindex="0" data-spec="{escape_html(json.dumps(spec))}">'
+            f"<div><b>{escape_html(c.case_id)}</b> &mdash; Dice {c.dice:.3f}; map scale {c.map_range[0]:.3g} to "
             f"{c.map_range[1]:.3g}</div>"
             '<canvas aria-label="input"></canvas><canvas aria-label="anomaly map"></canvas>'
             '<canvas aria-label="outlines"></canvas>'
@@ -237,13 +234,11 @@ def size_recall_png(metrics: dict, baseline: dict | None = None) -> str | None:
     for k, (label, data, colour) in enumerate(series):
         x = np.arange(len(names)) + (k - (len(series) - 1) / 2) * width
         recall = [data[n]["recall"] if data[n].get("recall") is not None else np.nan for n in names]
-        ax.bar(x, np.nan_to_num(recall), width, color=colour, label=label.replace("$", r"\$"))
+        ax.bar(x, np.nan_to_num(recall), width, color=colour, label=mpl_text(label))
         for xi, r, n in zip(x, recall, names):
             ax.text(xi, (0 if np.isnan(r) else r) + 0.02, f"n={data[n]['n_lesions']}", ha="center", fontsize=7)
     ax.set_xticks(np.arange(len(names)), names)
     ax.set(ylim=(0, 1.12), ylabel="lesion recall", title="Detected lesions by lesion volume")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=72)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return png_data_uri(fig)

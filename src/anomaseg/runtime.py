@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -96,3 +97,34 @@ def cpu_info() -> dict:
             "key_flags": key_flags, "flags_bf16": any(f in flags for f in BF16_CPU_FLAGS) if flags else None,
             "torch_bf16_probe": torch_cpu_bf16_probe(), NO_BF16_ENV: os.environ.get(NO_BF16_ENV, ""),
             "auto_precision": fabric_precision("auto", "cpu"), "flags": flags}
+
+
+def other_runnable_tasks(samples: int = 3, interval: float = 0.02) -> int | None:
+    """Threads of other processes running or waiting for a CPU now: Linux's instantaneous count of
+    runnable tasks (/proc/loadavg, which includes the caller's own thread), minus one, the minimum
+    over a few samples so that a passing task does not count. None where the count is unavailable."""
+    counts = []
+    for i in range(samples):
+        try:
+            running = Path("/proc/loadavg").read_text().split()[3].split("/")[0]
+            counts.append(int(running) - 1)
+        except (OSError, IndexError, ValueError):
+            return None
+        if i + 1 < samples:
+            time.sleep(interval)
+    return max(0, min(counts))
+
+
+def shared_cpu_hint(threads: int, cpus: int | None = None, busy: int | None = None) -> str | None:
+    """A one-line hint when this process's torch threads plus the other runnable work exceed the
+    CPUs: a thread sharing its CPU stalls the others at every operator's barrier, which made bf16
+    training 3x slower and fp32 1.1x slower on a 2-CPU machine with one CPU busy than with one thread
+    (benchmarks/bench_contention.py). None when the free CPUs suffice."""
+    cpus = cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    busy = other_runnable_tasks() if busy is None else busy
+    free = max(1, cpus - (busy or 0))
+    if not busy or threads <= free:
+        return None
+    return (f"note: other work keeps {min(busy, cpus)} of the {cpus} CPUs busy and torch runs {threads} threads; "
+            f"sharing CPUs slows training several-fold (bf16 most): OMP_NUM_THREADS={free} gives this run "
+            "the free CPUs alone")

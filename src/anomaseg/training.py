@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from anomaseg import config as cfg
-from anomaseg import distributed
+from anomaseg import distributed, runtime
 from anomaseg.atomic import atomic_path, output_lock, write_text
 from anomaseg.compilation import StepCompiler, compile_mode
 from anomaseg.data.layout import find_cases
@@ -316,6 +316,10 @@ class Trainer:
                      f"{0 if val_x is None else len(val_x)} slices of {len(split['val'])} held-out cases; "
                      f"precision {self.precision}" + (f"; {world} processes, {bs // world} slices each per batch"
                                                       if world > 1 else ""))
+        if fabric.device.type == "cpu" and world == 1:
+            hint = runtime.shared_cpu_hint(torch.get_num_threads())
+            if hint:
+                fabric.print(hint)
 
         def to_batch(t):  # float16 slices travel as they are stored; one conversion, on the device
             return fabric.to_device(t).to(torch.float32, memory_format=self.memory_format)

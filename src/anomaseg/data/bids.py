@@ -208,11 +208,12 @@ def find_bids_cases(root: str | Path, query: BidsQuery | None = None) -> list[Ca
     for cid in sorted(own):
         images: dict[str, list[Path]] = {}
         roles: dict[tuple, list[Path]] = {}
-        for f in own[cid] + extra.get(cid, []):
+        derived = extra.get(cid, [])
+        for f, from_pipeline in [(f, False) for f in own[cid]] + [(f, True) for f in derived]:
             entities, suffix = parse_name(f)
             role = role_of(entities, suffix)
             space = None if entities.get("space") in _NATIVE_SPACES else entities["space"]
-            if role == "image" and f not in extra.get(cid, []):  # a pipeline's images are not the dataset's
+            if role == "image" and not from_pipeline:  # a pipeline's images are not the dataset's
                 images.setdefault(modality_of(entities, suffix), []).append(f)
                 roles.setdefault(("space", space), []).append(f)
             elif role in ("brain", "lesion"):

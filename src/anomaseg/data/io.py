@@ -38,7 +38,7 @@ import numpy as np
 from nibabel import orientations as ornt
 
 from anomaseg.atomic import atomic_path
-from anomaseg.errors import InputError
+from anomaseg.errors import InputError, one_line
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 PNG_SUFFIXES = (".png",)
@@ -129,7 +129,7 @@ def load_volume(path: str | Path, *, channel: int | None = None, kind: str = "im
         raise
     except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, EOFError, OSError,
             ValueError, zlib.error, gzip.BadGzipFile, MemoryError) as exc:
-        raise InputError(path, f"{kind} is corrupt or not a readable NIfTI file ({_one_line(exc)})") from None
+        raise InputError(path, f"{kind} is corrupt or not a readable NIfTI file ({one_line(exc)})") from None
 
     raw = raw.reshape(raw.shape[:3])  # trailing axes of length 1 (checked in _check_header)
     if kind == "image":
@@ -146,10 +146,6 @@ def load_volume(path: str | Path, *, channel: int | None = None, kind: str = "im
     data = np.ascontiguousarray(ornt.apply_orientation(data, to_ras))
     affine = source_affine @ ornt.inv_ornt_aff(to_ras, raw.shape)
     return Volume(data, affine, path, source_affine, img.header.copy(), to_source)
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or exc.__class__.__name__
 
 
 def _labels(raw: np.ndarray, path: Path, kind: str) -> np.ndarray:
