@@ -66,7 +66,7 @@ from anomaseg.atomic import write_text  # noqa: E402
 from anomaseg.models import create_model  # noqa: E402
 from anomaseg.models.skip_ganomaly import SkipGANomaly  # noqa: E402
 from anomaseg.training import training_memory_format  # noqa: E402
-from bench_speed import machine_info, set_threads, synchronize  # noqa: E402
+from bench_speed import convolution_share, machine_info, set_threads, synchronize  # noqa: E402
 
 LR, BETAS = 2e-4, (0.5, 0.999)
 W_ADV, W_CON, W_LAT = 1.0, 50.0, 1.0
@@ -194,9 +194,13 @@ def main() -> None:
             print(f"repeat {r + 1}: {name} {samples[name][-1]:.2f} img/s (load {os.getloadavg()[0]:.1f})", flush=True)
     med = {k: statistics.median(v) for k, v in samples.items()}
     ref = med.get("official_fp32")
+    batch0 = x_all[:batch]
+    conv_share = {k: convolution_share(lambda: steps[k][0](batch0.contiguous(memory_format=steps[k][1])), device, 2)
+                  for k in ("official_fp32", "ours_fp32") if k in steps}
     report = {"size": size, "batch_size": batch, "channels": [base, top], "steps": args.steps,
               "repeats": args.repeats, "auto_precision_here": here, "official_checkout": str(official) if official else None,
               "default_row": default_row, "images_per_second": med, "samples": samples,
+              "convolution_share": conv_share,
               "ratio_vs_official": {k: v / ref for k, v in med.items()} if ref else None,
               "machine": machine_info(device), "load_average_before": load_before,
               "load_average_after": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M")}
@@ -206,6 +210,7 @@ def main() -> None:
     print(f"\n{cpu['model']} ({', '.join(cpu['key_flags'])}); load {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}")
     for k, v in med.items():
         print(f"{k}: {v:.2f} img/s" + (f" ({v / ref:.2f}x official)" if ref else "") + (" <- default" if k == default_row else ""))
+    print("convolutions: " + ", ".join(f"{v:.0%} of the {k} step's operator time" for k, v in conv_share.items()))
     print(f"-> {out}")
 
 

@@ -81,22 +81,11 @@ def plain_loop(x_all: torch.Tensor, size: int, batch: int, steps: int, device: s
     return steps * batch / (time.perf_counter() - t)
 
 
-def convolution_share(x_all: torch.Tensor, size: int, batch: int, device: str, steps: int = 3) -> float:
-    """Fraction of the plain fp32 loop's operator time spent in convolutions (forward and backward,
-    torch.profiler self times): an upper bound for what fusing or removing everything else can buy
-    is 1 / this share."""
+def convolution_share(step, device: str, steps: int = 3) -> float:
+    """Fraction of a training step's operator time spent in convolutions (forward and backward,
+    torch.profiler self times), `step()` run once to warm up, then `steps` times: an upper bound
+    for what fusing or removing everything else can buy is 1 / this share."""
     from torch.profiler import ProfilerActivity, profile
-
-    torch.manual_seed(0)
-    model = create_model("spatial_vae", in_channels=1, image_size=size).to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=5e-4)
-    x = x_all[:batch].to(device).float()
-
-    def step():
-        loss = model.loss(x, model(x))["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
 
     step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -108,6 +97,22 @@ def convolution_share(x_all: torch.Tensor, size: int, batch: int, device: str, s
     total = sum(getattr(e, attr) for e in events)
     conv = sum(getattr(e, attr) for e in events if "conv" in e.key)
     return conv / total if total else float("nan")
+
+
+def plain_step(x_all: torch.Tensor, size: int, batch: int, device: str):
+    """One step of the plain fp32 loop (torch Adam, NCHW) on a fixed batch, as a function."""
+    torch.manual_seed(0)
+    model = create_model("spatial_vae", in_channels=1, image_size=size).to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=5e-4)
+    x = x_all[:batch].to(device).float()
+
+    def step():
+        loss = model.loss(x, model(x))["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
 
 
 def trainer_run(data: Path, size: int, batch: int, steps: int, precision: str, channels_last: bool,
@@ -226,7 +231,7 @@ def main() -> None:
                           flush=True)
             med = {k: statistics.median(v) for k, v in samples.items()}
             ref = med["plain_fp32"]
-            conv_share = convolution_share(x_all, size, batch, device)
+            conv_share = convolution_share(plain_step(x_all, size, batch, device), device)
 
             def default_row(precision: str) -> str:
                 name = "fp32" if precision == "32" else precision

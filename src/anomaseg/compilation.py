@@ -3,8 +3,9 @@ whenever it fails.
 
 What it buys: inductor fuses BatchNorm with the activation that follows, and their backward
 passes, into single passes over the activation maps (eager PyTorch runs each as its own kernel);
-on a 2-core CPU in fp32 that is 10-15% per step for Baur et al.'s VAE (benchmarks/README.md).
-What it costs: compilation, one to three minutes on such a CPU the first time; seconds later on,
+on a 2-core CPU in fp32 that is 7% (64 px) to 11% (128 px) per step for Baur et al.'s VAE
+(benchmarks/README.md). What it costs: compilation, up to a few minutes on such a CPU the first
+time (11-21 s measured with a warm inductor cache directory, ~100 s cold); seconds later on,
 because inductor keeps compiled graphs on disk (`TORCHINDUCTOR_CACHE_DIR`, by default
 `$ANOMASEG_CACHE/inductor`).
 

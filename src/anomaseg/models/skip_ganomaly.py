@@ -141,8 +141,8 @@ class DCGANDiscriminator(nn.Module):
                 tiny=dict(base_channels=4, max_channels=16))
 class SkipGANomaly(AnomalyModel):
     # NHWC buys its convolutions nothing on a CPU (oneDNN reorders to the same blocked layouts) and
-    # makes BatchNorm's backward ~5x slower at the U-Net's small maps: 1.20x vs 1.32x the official
-    # step (benchmarks/bench_skipganomaly.py)
+    # makes BatchNorm's backward ~5x slower at the U-Net's small maps: 1.18x vs 1.20x the official
+    # step in fp32, 1.89x vs 1.91x in bf16 (benchmarks/bench_skipganomaly.py, idle 2-core CPU)
     prefers_channels_last = False
 
     def __init__(self, in_channels: int = 1, image_size: int = 128, base_channels: int = 64,
@@ -167,7 +167,7 @@ class SkipGANomaly(AnomalyModel):
         return self.discriminator.features(x)
 
     def compile_targets(self) -> list[nn.Module]:
-        """None: convolutions take ~85% of a step at 64 px, 64/512 channels (BatchNorm and
+        """None: convolutions take 90% of a step at 64 px, 64/512 channels (BatchNorm and
         activations ~10%: little for inductor to fuse), and the discriminator runs in four
         autograd/BatchNorm contexts per step, each a compilation of its own."""
         return []
