@@ -80,3 +80,11 @@ def test_require_seg(tmp_path):
     _touch(tmp_path / "c" / "c_flair.nii.gz")
     with pytest.raises(InputError, match="has no segmentation"):
         find_cases(tmp_path, ["flair"], require_seg=True)
+
+
+@pytest.mark.parametrize("name", ["_.nii.gz", "scan_.nii.gz", "scan-.nii"])
+def test_case_folder_file_ending_in_a_separator_is_the_unnamed_image(tmp_path, name):
+    # found by `make fuzz` (2000 examples): the empty text after the separator became modality ""
+    _touch(tmp_path / "0" / name)
+    (case,) = find_cases(tmp_path)
+    assert list(case.images) == [UNNAMED]

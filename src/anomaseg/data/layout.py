@@ -173,9 +173,10 @@ def _from_case_dir(folder: Path) -> Case:
             continue
         suffix = _split_name(nifti_stem(f), folder.name)
         if suffix is None:
-            # a file not named after its folder: take the text after the last separator
+            # a file not named after its folder: take the text after the last separator (none, or
+            # nothing after it as in "scan_.nii.gz": the folder's unnamed image)
             parts = re.split(r"[_-]", nifti_stem(f))
-            suffix = parts[-1].lower() if len(parts) > 1 else UNNAMED
+            suffix = parts[-1].lower() if len(parts) > 1 and parts[-1] else UNNAMED
         if suffix in SEG_NAMES:
             seg = f
         elif suffix in MASK_NAMES:
