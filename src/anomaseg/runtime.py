@@ -99,29 +99,44 @@ def cpu_info() -> dict:
             "auto_precision": fabric_precision("auto", "cpu"), "flags": flags}
 
 
-def other_runnable_tasks(samples: int = 3, interval: float = 0.02) -> int | None:
-    """Threads of other processes running or waiting for a CPU now: Linux's instantaneous count of
-    runnable tasks (/proc/loadavg, which includes the caller's own thread), minus one, the minimum
-    over a few samples so that a passing task does not count. None where the count is unavailable."""
-    counts = []
-    for i in range(samples):
-        try:
-            running = Path("/proc/loadavg").read_text().split()[3].split("/")[0]
-            counts.append(int(running) - 1)
-        except (OSError, IndexError, ValueError):
-            return None
-        if i + 1 < samples:
-            time.sleep(interval)
-    return max(0, min(counts))
+def _cpu_times(cpus: set[int]) -> tuple[int, int] | None:
+    """(busy, total) jiffies summed over `cpus`, from /proc/stat's per-CPU lines."""
+    busy = total = 0
+    try:
+        for line in Path("/proc/stat").read_text().splitlines():
+            name, *fields = line.split()
+            if not (name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus):
+                continue
+            ticks = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+            total += sum(ticks)
+            busy += sum(ticks) - ticks[3] - ticks[4]
+    except (OSError, ValueError, IndexError):
+        return None
+    return (busy, total) if total else None
+
+
+def busy_cpus(interval: float = 0.1) -> int | None:
+    """How many of the CPUs this process may run on other work keeps busy: their busy time over
+    `interval` seconds while this thread sleeps, in CPUs, rounded. Only the CPUs of this process's
+    affinity set count, so a container pinned to a few CPUs of a large host sees its own. None
+    where /proc/stat is unavailable (not Linux)."""
+    cpus = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    before = _cpu_times(cpus)
+    time.sleep(interval)
+    after = _cpu_times(cpus)
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    share = (after[0] - before[0]) / (after[1] - before[1])
+    return int(share * len(cpus) + 0.5)
 
 
 def shared_cpu_hint(threads: int, cpus: int | None = None, busy: int | None = None) -> str | None:
-    """A one-line hint when this process's torch threads plus the other runnable work exceed the
-    CPUs: a thread sharing its CPU stalls the others at every operator's barrier, which made bf16
+    """A one-line hint when this process's torch threads need more CPUs than other work leaves free:
+    a thread sharing its CPU stalls the others at every operator's barrier, which made bf16
     training 3x slower and fp32 1.1x slower on a 2-CPU machine with one CPU busy than with one thread
     (benchmarks/bench_contention.py). None when the free CPUs suffice."""
     cpus = cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    busy = other_runnable_tasks() if busy is None else busy
+    busy = busy_cpus() if busy is None else busy
     free = max(1, cpus - (busy or 0))
     if not busy or threads <= free:
         return None
