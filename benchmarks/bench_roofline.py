@@ -68,7 +68,8 @@ def conv_peak(dtype: torch.dtype, repeats: int) -> float:
     """MACs/s of oneDNN on large, well-shaped convolutions (the best of a few shapes)."""
     best = 0.0
     for channels, k in ((128, 3), (128, 5), (256, 3)):
-        conv = nn.Conv2d(channels, channels, k, padding=k // 2, bias=False).to(dtype).to(memory_format=torch.channels_last)
+        conv = nn.Conv2d(channels, channels, k, padding=k // 2, bias=False)
+        conv = conv.to(dtype).to(memory_format=torch.channels_last)
         x = torch.rand(32, channels, 32, 32, dtype=dtype).contiguous(memory_format=torch.channels_last)
         macs = 32 * 32 * 32 * channels * channels * k * k
         with torch.no_grad():

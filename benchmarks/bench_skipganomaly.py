@@ -209,7 +209,8 @@ def main() -> None:
     cpu = report["machine"]["cpu"]
     print(f"\n{cpu['model']} ({', '.join(cpu['key_flags'])}); load {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}")
     for k, v in med.items():
-        print(f"{k}: {v:.2f} img/s" + (f" ({v / ref:.2f}x official)" if ref else "") + (" <- default" if k == default_row else ""))
+        print(f"{k}: {v:.2f} img/s" + (f" ({v / ref:.2f}x official)" if ref else "")
+              + (" <- default" if k == default_row else ""))
     print("convolutions: " + ", ".join(f"{v:.0%} of the {k} step's operator time" for k, v in conv_share.items()))
     print(f"-> {out}")
 

@@ -284,9 +284,8 @@ def _scalar_items(metrics: dict) -> list[tuple[str, Any]]:
 
 
 def _summary_html(metrics: dict) -> str:
-    rows = "".join(
-        f'<tr><td class="key">{escape_html(k)}</td><td>{escape_html(_fmt(v))}</td></tr>' for k, v in _scalar_items(metrics)
-    )
+    rows = "".join(f'<tr><td class="key">{escape_html(k)}</td><td>{escape_html(_fmt(v))}</td></tr>'
+                   for k, v in _scalar_items(metrics))
     parts = [f'<table><tr><th class="key">metric</th><th>value</th></tr>{rows}</table>']
     warnings = metrics.get("warnings")
     if isinstance(warnings, (list, tuple)) and warnings:
@@ -304,7 +303,8 @@ def _per_case_html(per_case: list[dict]) -> str:
         for k in row:
             if k not in columns:
                 columns.append(k)
-    head = "".join(f'<th class="key">{escape_html(c)}</th>' if c == "case_id" else f"<th>{escape_html(c)}</th>" for c in columns)
+    head = "".join(f'<th class="key">{escape_html(c)}</th>' if c == "case_id" else f"<th>{escape_html(c)}</th>"
+                   for c in columns)
     body = []
     for row in per_case:
         cells = []
@@ -342,8 +342,9 @@ def _clinical_html(metrics: dict, baseline: dict | None) -> str:
     head = "".join(f"<th>{escape_html(name)}</th>" for name, _ in columns)
     body = "".join(f'<tr><td class="key">{escape_html(label)}</td>' + "".join(cell(m, mean, std) for _, m in columns)
                    + "</tr>" for label, mean, std in CLINICAL_ROWS)
-    note = (f'<p class="note">Per-volume means over the {escape_html(_fmt(metrics.get("per_volume_n_cases")))} cases with '
-            "lesions; a true lesion is detected when a predicted component overlaps it; "
+    n_cases = escape_html(_fmt(metrics.get("per_volume_n_cases")))
+    note = (f'<p class="note">Per-volume means over the {n_cases} cases with lesions; '
+            "a true lesion is detected when a predicted component overlaps it; "
             f"{escape_html(_fmt(metrics.get('n_true_lesions')))} true and "
             f"{escape_html(_fmt(metrics.get('n_predicted_lesions')))} predicted lesions.</p>")
     return f'<table><tr><th class="key">metric</th>{head}</tr>{body}</table>{note}'
@@ -354,8 +355,8 @@ def _versus_baseline_html(metrics: dict, baseline: dict, keys: list[str]) -> str
     head = "".join(f"<th>{escape_html(k)}</th>" for k in keys)
     rows = [(f"{baseline.get('predictor', 'intensity')} (baseline)", baseline),
             (str(metrics.get("predictor", "model")), metrics)]
-    body = "".join(f'<tr><td class="key">{escape_html(name)}</td>' + "".join(f"<td>{escape_html(_fmt(m.get(k)))}</td>" for k in keys)
-                   + "</tr>" for name, m in rows)
+    body = "".join(f'<tr><td class="key">{escape_html(name)}</td>'
+                   + "".join(f"<td>{escape_html(_fmt(m.get(k)))}</td>" for k in keys) + "</tr>" for name, m in rows)
     return f'<table><tr><th class="key">method</th>{head}</tr>{body}</table>'
 
 
@@ -463,7 +464,8 @@ def write_comparison_report(path, summary: dict, rows: list[SideBySide], keys: l
         ['<p class="note">no cases</p>']
     created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     doc = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-           f"<title>{escape_html(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n<h1>{escape_html(title)}</h1>\n"
+           f"<title>{escape_html(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+           f"<h1>{escape_html(title)}</h1>\n"
            f'<p class="note">generated {escape_html(created)} by anomaseg</p>\n' + "\n".join(sections)
            + "\n</body>\n</html>\n")
     write_text(Path(path), doc.encode("ascii", "xmlcharrefreplace").decode("ascii"))

@@ -198,7 +198,8 @@ def viewers_html(cases: list[CaseSlices]) -> str:
         spec = {"n": c.n_slices, "side": c.side, "first": c.first, "image": c.image_uri, "map": c.map_uri,
                 "masks": c.masks_uri}
         parts.append(
-            f'<div class="viewer" id="viewer-{escape_html(c.case_id)}" tabindex="0" data-spec="{escape_html(json.dumps(spec))}">'
+            f'<div class="viewer" id="viewer-{escape_html(c.case_id)}" tabindex="0" '
+            f'data-spec="{escape_html(json.dumps(spec))}">'
             f"<div><b>{escape_html(c.case_id)}</b> &mdash; Dice {c.dice:.3f}; map scale {c.map_range[0]:.3g} to "
             f"{c.map_range[1]:.3g}</div>"
             '<canvas aria-label="input"></canvas><canvas aria-label="anomaly map"></canvas>'
