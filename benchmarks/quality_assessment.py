@@ -32,6 +32,10 @@ candidates, 15 / 12 epochs, `--larger`, not run) while a spinning OpenMP thread 
 environment settings below) slowed the training loop 20-40x. `--lesioned 56` gives 48 fitting
 subjects (about 13 minutes).
 
+REG-Net's regularisation (flips / 90-degree rotations, channel dropout, weight decay: `REGNet`) is
+set with --reg-params, e.g. `--reg-params '{"augment": false, "dropout": 0, "weight_decay": 0}'` for
+the unregularised network; --variants fits a subset of the variants.
+
 Writes benchmarks/results/quality_assessment.{json,md} (--quick: quality_assessment_quick.*), with
 the machine (lscpu model and flags), the load average and the wall time of each stage.
 """
@@ -219,7 +223,13 @@ def main(argv=None) -> None:
     ap.add_argument("--out", help="output stem (default benchmarks/results/quality_assessment[_quick])")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: the machine is shared; the stage times depend on it)")
+    ap.add_argument("--reg-params", default=None,
+                    help="REG-Net keywords as JSON, e.g. '{\"augment\": false, \"weight_decay\": 0}' "
+                         "(regularisation: anomaseg.quality.networks.REGNet; default: its defaults)")
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS, help="REG-Net variants to fit")
     args = ap.parse_args(argv)
+    variants = list(args.variants)
+    reg_params = json.loads(args.reg_params) if args.reg_params else {}
     torch.set_num_threads(args.threads)
     plan = dict(QUICK if args.quick else LARGER if args.larger else FULL)
     if args.lesioned:
@@ -260,7 +270,7 @@ def main(argv=None) -> None:
     t = time.perf_counter()
     qa_dir = work / "qa"
     shutil.rmtree(qa_dir, ignore_errors=True)
-    config = QualityConfig(image_size=plan["image_size"], variants=VARIANTS, pool_size=0, rec_epochs=plan["rec_epochs"],
+    config = QualityConfig(image_size=plan["image_size"], variants=variants, pool_size=0, reg_params=reg_params, rec_epochs=plan["rec_epochs"],
                            reg_epochs=plan["reg_epochs"], batch_size=plan["batch_size"], seed=args.seed,
                            precision=args.precision, compile=COMPILE)
     given = [Candidate(cid, r["source"], array=r["seg"]) for cid, p in train_pools.items() for r in p["pool"]]
@@ -268,7 +278,7 @@ def main(argv=None) -> None:
     seconds["qa_fit"] = time.perf_counter() - t
     stage("qa_fit", seconds, args.threads)
     histories = {run: json.loads((qa_dir / run / "history.json").read_text())
-                 for run in ["rec"] + [f"reg_{v}" for v in VARIANTS]}
+                 for run in ["rec"] + [f"reg_{v}" for v in variants]}
     loads["after_fit"] = load()
 
     # ---------------------------------------------------------------- predictions and attacks
@@ -282,7 +292,7 @@ def main(argv=None) -> None:
                 image, s, areas, outside = assessor.case_inputs(prepared, np.asarray(r["seg"]))
                 row = {k: v for k, v in r.items() if k != "seg"}
                 row.update(case_id=cid, set=kind)
-                for v in VARIANTS:
+                for v in variants:
                     eps = plan["eps"] if kind == "pool" else [0.0]
                     row[v] = fgsm_predictions(assessor.pipeline(v), image, s, areas, outside, r["dice"], eps)
                 rows.append(row)
@@ -302,7 +312,7 @@ def main(argv=None) -> None:
         rs = [r for r in rows if r["set"] == kind]
         true = [r["dice"] for r in rs]
         res = {}
-        for v in VARIANTS:
+        for v in variants:
             res[v] = metrics([r[v][0] for r in rs], true)
             if kind == "pool":
                 res[v]["fgsm_mae"] = {str(e): float(np.mean([abs(r[v][i] - r["dice"]) for r in rs]))

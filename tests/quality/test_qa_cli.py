@@ -66,6 +66,8 @@ def test_fitted_folder(qa_model):
         history = json.loads((qa_model / run / "history.json").read_text())
         assert len(history) == epochs and history[-1]["train_loss"] < history[0]["train_loss"]
     assert list((qa_model / "rec" / "samples").glob("*.png"))  # REC-Net shows its reconstructions
+    # REG-Net was trained with its default flips / rotations (so the ranking test below covers them)
+    assert QualityAssessor.load(qa_model).regs["difference"].augment
 
 
 def test_good_segmentation_ranks_above_a_bad_one(qa_model, tmp_path):

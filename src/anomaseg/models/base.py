@@ -93,6 +93,15 @@ def adam(params, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.
         return torch.optim.Adam(params, lr=lr, betas=betas)
 
 
+def adamw(params, lr: float, betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 1e-2) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay, Loshchilov & Hutter), fused where available like `adam`."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+
+
 def recalibrate_batchnorm(model: nn.Module, batches) -> int:
     """Re-estimate the running statistics of the BatchNorm layers a forward pass uses ("precise BN").
 
