@@ -47,6 +47,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -321,7 +322,7 @@ def main(argv=None) -> None:
             res[name] = metrics(f(rs), true)
         results[kind] = res
     pool_hist = np.bincount([dice_bin(r["dice"]) for r in train_rows], minlength=10).tolist()
-    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join([".venv/bin/python", "benchmarks/quality_assessment.py", *(argv if argv is not None else sys.argv[1:])]),
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": shlex.join([".venv/bin/python", "benchmarks/quality_assessment.py", *(argv if argv is not None else sys.argv[1:])]),
               "torch_threads": args.threads, "plan": plan, "machine": machine(), "load_average": loads,
               "seconds": {k: round(v, 1) for k, v in seconds.items()}, "qa_config": assessor.meta["config"],
               "train_subjects": train_names, "test_subjects": test_names,

@@ -82,11 +82,13 @@ def test_reg_net_never_sees_the_targets_and_trains():
     batch = torch.rand(6, 5, 32, 32)  # [X, S, TP map, missed map, weight]
     with pytest.raises(ValueError, match="expects 2 channels"):
         net(batch)
+    net.eval()  # dropout off: two forwards of the same input agree
     out_a = net(batch[:, :2])
     changed = batch.clone()
     changed[:, 2:] = 0  # other targets: same prediction
     out_b = net(changed[:, :2])
     assert torch.equal(out_a.precision, out_b.precision) and torch.equal(out_a.missed, out_b.missed)
+    net.train()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     logs = net.training_step(batch, {"model": opt}, lambda loss: loss.backward())
     assert set(logs) == {"loss", "tp_abs_error", "missed_abs_error"} and np.isfinite(float(logs["loss"]))
