@@ -271,8 +271,8 @@ def main(argv=None) -> None:
     t = time.perf_counter()
     qa_dir = work / "qa"
     shutil.rmtree(qa_dir, ignore_errors=True)
-    config = QualityConfig(image_size=plan["image_size"], variants=variants, pool_size=0, reg_params=reg_params, rec_epochs=plan["rec_epochs"],
-                           reg_epochs=plan["reg_epochs"], batch_size=plan["batch_size"], seed=args.seed,
+    config = QualityConfig(image_size=plan["image_size"], variants=variants, pool_size=0, reg_params=reg_params,
+                           rec_epochs=plan["rec_epochs"], reg_epochs=plan["reg_epochs"], batch_size=plan["batch_size"], seed=args.seed,
                            precision=args.precision, compile=COMPILE)
     given = [Candidate(cid, r["source"], array=r["seg"]) for cid, p in train_pools.items() for r in p["pool"]]
     assessor = fit_quality(train_dir, qa_dir, config, candidates=given, progress=progress)
@@ -322,7 +322,8 @@ def main(argv=None) -> None:
             res[name] = metrics(f(rs), true)
         results[kind] = res
     pool_hist = np.bincount([dice_bin(r["dice"]) for r in train_rows], minlength=10).tolist()
-    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": shlex.join([".venv/bin/python", "benchmarks/quality_assessment.py", *(argv if argv is not None else sys.argv[1:])]),
+    command = [".venv/bin/python", "benchmarks/quality_assessment.py", *(argv if argv is not None else sys.argv[1:])]
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": shlex.join(command),
               "torch_threads": args.threads, "plan": plan, "machine": machine(), "load_average": loads,
               "seconds": {k: round(v, 1) for k, v in seconds.items()}, "qa_config": assessor.meta["config"],
               "train_subjects": train_names, "test_subjects": test_names,

@@ -83,23 +83,24 @@ class AnomalyModel(nn.Module):
         yield
 
 
+def _fused_if_possible(optimizer: type, params, **kwargs) -> torch.optim.Optimizer:
+    params = list(params)
+    try:
+        return optimizer(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):  # older torch, or a device without the kernel
+        return optimizer(params, **kwargs)
+
+
 def adam(params, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
     """Adam with torch's fused kernel (one pass over each parameter tensor instead of about ten
     element-wise operations; CPU and CUDA) where this torch and the parameters' device have it."""
-    params = list(params)
-    try:
-        return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
-    except (RuntimeError, TypeError, ValueError):  # older torch, or a device without the kernel
-        return torch.optim.Adam(params, lr=lr, betas=betas)
+    return _fused_if_possible(torch.optim.Adam, params, lr=lr, betas=betas)
 
 
-def adamw(params, lr: float, betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 1e-2) -> torch.optim.Optimizer:
+def adamw(params, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+          weight_decay: float = 1e-2) -> torch.optim.Optimizer:
     """AdamW (decoupled weight decay, Loshchilov & Hutter), fused where available like `adam`."""
-    params = list(params)
-    try:
-        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    return _fused_if_possible(torch.optim.AdamW, params, lr=lr, betas=betas, weight_decay=weight_decay)
 
 
 def recalibrate_batchnorm(model: nn.Module, batches) -> int:

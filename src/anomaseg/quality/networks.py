@@ -211,7 +211,8 @@ class REGNet(AnomalyModel):
         # "almost nothing missed" prior of -8)
         decay = [p for p in self.parameters() if p.ndim > 1]
         keep = [p for p in self.parameters() if p.ndim <= 1]
-        return {"model": adamw([{"params": decay}, {"params": keep, "weight_decay": 0.0}], lr, betas, self.weight_decay)}
+        groups = [{"params": decay}, {"params": keep, "weight_decay": 0.0}]
+        return {"model": adamw(groups, lr, betas, self.weight_decay)}
 
     def training_step(self, batch: torch.Tensor, optimizers: dict, backward: Callable[[torch.Tensor], None],
                       autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, torch.Tensor]:
