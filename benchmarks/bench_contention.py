@@ -64,7 +64,7 @@ def main() -> None:
     from anomaseg.atomic import write_text
     from bench_speed import machine_info
 
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = len(runtime.usable_cpus())
     precisions = ["fp32"] + (["bf16"] if runtime.cpu_bf16_units() else [])
     thread_counts = sorted({cpus, max(1, cpus - 1)}, reverse=True)
     configs = [(busy, p, t) for busy in (False, True) for p in precisions for t in thread_counts]

@@ -135,7 +135,7 @@ def set_threads(threads: int | None) -> int:
     this process may run on. (The runs of issue 13 labelled "one thread" had OMP_NUM_THREADS=1
     overridden here and ran two threads on a machine whose other core was busy.)"""
     if threads is None and not os.environ.get("OMP_NUM_THREADS"):
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        threads = len(runtime.usable_cpus())
     if threads is not None:
         torch.set_num_threads(threads)
     return torch.get_num_threads()

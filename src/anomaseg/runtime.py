@@ -99,6 +99,11 @@ def cpu_info() -> dict:
             "auto_precision": fabric_precision("auto", "cpu"), "flags": flags}
 
 
+def usable_cpus() -> set[int]:
+    """The CPUs this process may run on (its affinity set; all CPUs where the OS has none)."""
+    return set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
 def _cpu_times(cpus: set[int]) -> tuple[int, int] | None:
     """(busy, total) jiffies summed over `cpus`, from /proc/stat's per-CPU lines."""
     busy = total = 0
@@ -120,7 +125,7 @@ def busy_cpus(interval: float = 0.1) -> int | None:
     `interval` seconds while this thread sleeps, in CPUs, rounded. Only the CPUs of this process's
     affinity set count, so a container pinned to a few CPUs of a large host sees its own. None
     where /proc/stat is unavailable (not Linux)."""
-    cpus = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cpus = usable_cpus()
     before = _cpu_times(cpus)
     time.sleep(interval)
     after = _cpu_times(cpus)
@@ -135,7 +140,7 @@ def shared_cpu_hint(threads: int, cpus: int | None = None, busy: int | None = No
     a thread sharing its CPU stalls the others at every operator's barrier, which made bf16
     training 3x slower and fp32 1.1x slower on a 2-CPU machine with one CPU busy than with one thread
     (benchmarks/bench_contention.py). None when the free CPUs suffice."""
-    cpus = cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    cpus = cpus or len(usable_cpus())
     busy = busy_cpus() if busy is None else busy
     free = max(1, cpus - (busy or 0))
     if not busy or threads <= free:
