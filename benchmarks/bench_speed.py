@@ -57,21 +57,27 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def plain_loop(x_all: torch.Tensor, size: int, batch: int, steps: int, device: str, fused: bool) -> float:
-    """The reference: what one would write by hand, fp32, contiguous tensors, eager."""
+def plain_step(x_all: torch.Tensor, size: int, batch: int, device: str, fused: bool = False):
+    """The reference, what one would write by hand (fp32, contiguous tensors, eager), as a function
+    `step(i=0)` training on the i-th batch of `x_all`; `fused`: anomaseg's optimiser (fused Adam)."""
     torch.manual_seed(0)
     model = create_model("spatial_vae", in_channels=1, image_size=size).to(device).train()
     opt = adam(model.parameters(), 5e-4) if fused else torch.optim.Adam(model.parameters(), lr=5e-4)
 
-    def step(i):
+    def step(i: int = 0):
         x = x_all[(i * batch) % (len(x_all) - batch):][:batch].to(device).float()
-        out = model(x)
-        loss = model.loss(x, out)["loss"]
+        loss = model.loss(x, model(x))["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    for i in range(2):  # warm-up
+    return step
+
+
+def plain_loop(x_all: torch.Tensor, size: int, batch: int, steps: int, device: str, fused: bool) -> float:
+    """Slices/s of the plain loop (`plain_step`) after two warm-up steps."""
+    step = plain_step(x_all, size, batch, device, fused)
+    for i in range(2):
         step(i)
     synchronize(device)
     t = time.perf_counter()
@@ -97,22 +103,6 @@ def convolution_share(step, device: str, steps: int = 3) -> float:
     total = sum(getattr(e, attr) for e in events)
     conv = sum(getattr(e, attr) for e in events if "conv" in e.key)
     return conv / total if total else float("nan")
-
-
-def plain_step(x_all: torch.Tensor, size: int, batch: int, device: str):
-    """One step of the plain fp32 loop (torch Adam, NCHW) on a fixed batch, as a function."""
-    torch.manual_seed(0)
-    model = create_model("spatial_vae", in_channels=1, image_size=size).to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=5e-4)
-    x = x_all[:batch].to(device).float()
-
-    def step():
-        loss = model.loss(x, model(x))["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
 
 
 def trainer_run(data: Path, size: int, batch: int, steps: int, precision: str, channels_last: bool,
