@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the `anomaseg` command does; set before torch loads
+# Marks every process the suite starts, so the end of the run can check that none outlives it.
+os.environ["ANOMASEG_TEST_SESSION"] = f"{os.getpid()}-{os.urandom(4).hex()}"
 
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
@@ -49,6 +51,17 @@ def write_dataset(root: Path, n: int, lesioned: bool, seed: int = 0, modalities=
         if lesioned:
             nib.save(nib.Nifti1Image(seg, affine), d / f"{case}_seg.nii.gz")
     return root
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if a process started by the suite is still alive once it has ended."""
+    from processes import processes_left_after
+
+    left = processes_left_after()
+    if left:
+        lines = "\n".join(f"  pid {pid}: {cmd[:200]}" for pid, cmd in sorted(left.items()))
+        print(f"\nERROR: {len(left)} process(es) started by the tests outlived them (now killed):\n{lines}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture

@@ -74,3 +74,72 @@ def run_ranks(argv, ranks: int, cache, kill_at=None) -> list[int]:
         procs.append(fork_context().Process(target=_run_cli, args=(argv, env)))
         procs[-1].start()
     return _join(procs, argv)
+
+
+# Every process the suite starts inherits this variable (set by conftest before any test runs), so
+# `leftover_processes` also finds orphans whose parent died and which were re-parented to init.
+SESSION_MARKER = "ANOMASEG_TEST_SESSION"
+
+
+def _environ_has(pid: int, entry: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return entry in f.read().split(b"\0")
+    except OSError:  # gone, or not ours to read
+        return False
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return "?"
+
+
+def leftover_processes() -> dict[int, str]:
+    """pid -> command line of every live process but this one that carries this session's marker."""
+    entry = f"{SESSION_MARKER}={os.environ.get(SESSION_MARKER, '')}".encode()
+    if not os.environ.get(SESSION_MARKER) or not os.path.isdir("/proc"):
+        return {}
+    found = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != os.getpid() and _environ_has(int(name), entry):
+            with open(f"/proc/{name}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[-1].split()[0] == b"Z":  # a zombie has ended; its parent reaps it
+                    continue
+            found[int(name)] = _cmdline(int(name))
+    return found
+
+
+def stop_multiprocessing_helpers() -> None:
+    """Stop the forkserver and resource tracker that multiprocessing keeps for the parent's lifetime.
+    They would exit on their own once pytest has exited, but that is after any check could run;
+    `_stop` is the stdlib's own hook for this (there is no public one)."""
+    from multiprocessing import forkserver, resource_tracker
+
+    for helper in (getattr(forkserver, "_forkserver", None), getattr(resource_tracker, "_resource_tracker", None)):
+        stop = getattr(helper, "_stop", None)
+        if stop is not None:
+            try:
+                stop()
+            except (OSError, ChildProcessError):
+                pass
+
+
+def processes_left_after(grace_s: float = 15.0) -> dict[int, str]:
+    """The suite's processes still alive `grace_s` seconds after its helpers were told to stop
+    (those found are then killed, so a failing check leaves nothing behind either)."""
+    import signal
+    import time
+
+    stop_multiprocessing_helpers()
+    deadline = time.monotonic() + grace_s
+    while (left := leftover_processes()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return left
