@@ -101,11 +101,11 @@ def model_config(name: str, args, seed: int, train_dir: Path, cache: Path, extra
 def training_slice_count(config: cfg.RunConfig, split: dict) -> int:
     """In-domain slices of the run's training cases (read from the shared preprocessing cache)."""
     from anomaseg.data.layout import find_cases
-    from anomaseg.data.slices import prepare_cases
-    from anomaseg.training import cache_for
+    from anomaseg.data.slices import CaseCache, prepare_cases
 
     by_id = {c.case_id: c for c in find_cases(config.train_dir, config.data.modalities)}
-    prepared = prepare_cases([by_id[i] for i in split["train"]], config.data.slice_spec(), cache_for(config), False)
+    prepared = prepare_cases([by_id[i] for i in split["train"]], config.data.slice_spec(),
+                             CaseCache.at(config.data.cache_dir), False)
     return int(sum(p.keep.sum() for p in prepared))
 
 

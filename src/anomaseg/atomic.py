@@ -117,6 +117,19 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             raise
 
 
+OUTPUT_MARKER = ".anomaseg-output"  # in every output folder anomaseg writes: it may replace that folder
+
+
+def check_output_dir(out: str | Path) -> None:
+    """Refuse an output folder that is a file, or a non-empty folder anomaseg did not write (we
+    replace output folders whole, so a user's folder would be lost)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "output exists and is a file, not a folder; choose another --out")
+    if out.exists() and any(out.iterdir()) and not (out / OUTPUT_MARKER).exists():
+        raise InputError(out, "output folder exists and was not written by anomaseg; choose another --out")
+
+
 _held: dict[Path, int] = {}  # locks this process holds (re-entrant: a command may lock, then call a writer that locks)
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from anomaseg.atomic import atomic_dir, write_text
+from anomaseg.atomic import OUTPUT_MARKER, atomic_dir, check_output_dir, write_text
 from anomaseg.data import bids as bids_io
 from anomaseg.data.io import load_volume, save_like
 from anomaseg.lesion_metrics import LesionMetrics, case_lesions
@@ -39,8 +39,7 @@ from anomaseg.report import CaseOverlay, SideBySide, write_comparison_report, wr
 from anomaseg.parallel import run_sharded, worker_device
 from anomaseg.report_viewer import MAX_VIEWERS, case_slices
 from anomaseg.run import load_run_config
-from anomaseg.scoring import (OUTPUT_MARKER, ScorerSource, check_output_dir, prepare_one, cases_to_score,
-                              bids_output_info, resolve_predictors)
+from anomaseg.scoring import ScorerSource, prepare_one, cases_to_score, bids_output_info, resolve_predictors
 
 BASELINE = "intensity"  # the predictor every evaluation is compared with
 N_OVERLAYS = 2  # best and worst cases shown in the report

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from anomaseg import config as cfg
-from anomaseg.atomic import atomic_dir, write_text
+from anomaseg.atomic import OUTPUT_MARKER, atomic_dir, check_output_dir, write_text
 from anomaseg.data.io import load_volume, save_like
 from anomaseg.data.layout import find_cases
 from anomaseg.data.slices import CaseCache, PreparedCase, SliceSpec, prepare_cases
@@ -29,9 +29,6 @@ from anomaseg.postprocess import PostProcessor
 from anomaseg.predictors.base import Predictor, create_predictor, list_predictors
 from anomaseg.run import RunPaths, checkpoint_stamp, load_model, load_run_config, load_split
 from anomaseg.runtime import autocast, default_device, fabric_precision
-from anomaseg.training import cache_for
-
-OUTPUT_MARKER = ".anomaseg-output"
 
 
 def predictor_key(name: str, params: dict) -> str:
@@ -168,7 +165,8 @@ def calibrate(run_dir: str | Path, predictor: str | None = None, params: dict | 
     except InputError as exc:
         raise InputError(paths.calibration, f"has no calibration of {key} for this checkpoint, and it cannot be "
                                             f"fitted: the run's healthy training data is unusable ({exc})") from None
-    prepared = prepare_cases(cases, config.data.slice_spec(), cache_for(config), progress, "preparing calibration cases")
+    prepared = prepare_cases(cases, config.data.slice_spec(), CaseCache.at(config.data.cache_dir), progress,
+                             "preparing calibration cases")
     scorer.fit(prepared, progress)
     kill_point("calibration")
     store[key] = {"predictor": name, "params": params, "checkpoint": stamp, "predictor_state": pred.fitted_state(),
@@ -220,20 +218,13 @@ def resolve_predictors(run_dir: str | Path, names: str | None) -> list[str]:
 
 
 # --------------------------------------------------------------------------- outputs
-def check_output_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise InputError(out, "output exists and is a file, not a folder; choose another --out")
-    if out.exists() and any(out.iterdir()) and not (out / OUTPUT_MARKER).exists():
-        raise InputError(out, "output folder exists and was not written by anomaseg; choose another --out")
-
-
 def cases_to_score(run_dir, data, config: cfg.RunConfig, require_seg: bool, bids=None):
     cases = find_cases(data, config.data.modalities, require_seg=require_seg, bids=bids)
     return cases, config.data.slice_spec()
 
 
 def prepare_one(case, spec: SliceSpec, config):
-    return prepare_cases([case], spec, cache_for(config), progress=False)[0]
+    return prepare_cases([case], spec, CaseCache.at(config.data.cache_dir), progress=False)[0]
 
 
 @dataclass(frozen=True)
@@ -264,7 +255,7 @@ class ScorerSource:
     def cache(self) -> CaseCache:
         if self.onnx:
             return CaseCache(CaseCache.default_folder())
-        return cache_for(load_run_config(self.run_dir))
+        return CaseCache.at(load_run_config(self.run_dir).data.cache_dir)
 
 
 def bids_output_info(run_dir, config: cfg.RunConfig, scorer: Scorer) -> dict:

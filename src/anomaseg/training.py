@@ -82,11 +82,6 @@ def split_cases(case_ids: list[str], val_fraction: float, seed: int) -> tuple[li
     return sorted(set(ids) - set(val)), sorted(val)
 
 
-def cache_for(config: cfg.RunConfig) -> CaseCache:
-    folder = config.data.cache_dir
-    return CaseCache(CaseCache.default_folder() if folder == "default" else folder)
-
-
 def scheduled_lr(base: float, schedule: str, step: int, total: int) -> float:
     """Learning rate at a global step. Stateless, so a resumed run continues the same curve."""
     if schedule == "constant" or total <= 0:
@@ -196,7 +191,7 @@ class Trainer:
         missing = [i for i in split["train"] + split["val"] if i not in by_id]
         if missing:
             raise InputError(c.train_dir, f"cases of this run's split are missing: {', '.join(missing[:5])}")
-        spec, cache = c.data.slice_spec(), cache_for(c)
+        spec, cache = c.data.slice_spec(), CaseCache.at(c.data.cache_dir)
         train = store.survey([by_id[i] for i in split["train"]], spec, cache, self.progress, "preparing training cases")
         val = store.survey([by_id[i] for i in split["val"]], spec, cache, self.progress, "preparing validation cases")
         labelled = train.anomalous + val.anomalous

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from anomaseg.data.io import is_nifti, nifti_stem
-from anomaseg.data.layout import Case, ImageRef
+from anomaseg.data.cases import Case, ImageRef
 from anomaseg.errors import InputError
 
 PIPELINE = "anomaseg"  # our derivatives folder name, never read back as input

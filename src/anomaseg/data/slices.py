@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from anomaseg.atomic import atomic_path
 from anomaseg.data import brainmask
 from anomaseg.data.io import Volume, check_same_grid, load_volume
-from anomaseg.data.layout import Case
+from anomaseg.data.cases import Case
 from anomaseg.errors import InputError, InputWarning
 
 CACHE_VERSION = 3  # 3: labels >= 0.5, brain_mask rule, no paths stored
@@ -252,6 +252,11 @@ class CaseCache:
 
     def __init__(self, folder: str | Path | None):
         self.folder = None if folder is None else Path(folder)
+
+    @classmethod
+    def at(cls, folder: str | Path | None) -> "CaseCache":
+        """The cache a run's `data.cache_dir` names ("default": the user's cache folder, None: none)."""
+        return cls(cls.default_folder() if folder == "default" else folder)
 
     @staticmethod
     def default_folder() -> Path:

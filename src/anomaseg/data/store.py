@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from anomaseg.atomic import atomic_path
-from anomaseg.data.layout import Case
+from anomaseg.data.cases import Case
 from anomaseg.data.slices import CaseCache, SliceSpec
 from anomaseg.errors import InputError
 

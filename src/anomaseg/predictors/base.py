@@ -91,7 +91,7 @@ class Predictor:
 
     def set_modalities(self, modalities) -> "Predictor":
         """The modality of each input channel, in order (e.g. the run's ["flair", "t2"])."""
-        from anomaseg.data.layout import canonical_modality
+        from anomaseg.data.cases import canonical_modality
 
         self.modalities_ = [canonical_modality(m) for m in modalities]
         return self

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from anomaseg.data.layout import canonical_modality
+from anomaseg.data.cases import canonical_modality
 
 POLARITIES = ("bright", "dark", "both")
 CHANNEL_COMBINES = ("mean", "max")

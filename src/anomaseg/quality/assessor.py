@@ -29,7 +29,8 @@ from anomaseg import config as cfg
 from anomaseg.atomic import write_text
 from anomaseg.data import store
 from anomaseg.data.io import Volume, load_volume
-from anomaseg.data.layout import Case, find_cases
+from anomaseg.data.cases import Case
+from anomaseg.data.layout import find_cases
 from anomaseg.data.slices import CaseCache, PreparedCase, SliceSpec
 from anomaseg.errors import InputError
 from anomaseg.metrics import dice_score
@@ -320,12 +321,10 @@ def predict_folders(qa: str | Path, data: str | Path, segmentations: list[str | 
 
     from tqdm.auto import tqdm
 
-    from anomaseg.atomic import atomic_dir
-    from anomaseg.scoring import OUTPUT_MARKER
+    from anomaseg.atomic import OUTPUT_MARKER, atomic_dir, check_output_dir
 
     out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / OUTPUT_MARKER).exists())):
-        raise InputError(out, "output folder exists and was not written by anomaseg; choose another --out")
+    check_output_dir(out)
     if not segmentations:
         raise InputError(None, "no segmentation folder given (--segmentations)")
     assessor = QualityAssessor.load(qa)
