@@ -96,7 +96,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top", type=int, help="pairs retrained at the stage-2 size")
     p.add_argument("--phantom-seed", type=int, default=0)
     p.add_argument("--no-realism", action="store_true", help="the phantom without the realism features")
-    p.add_argument("--work", help="working folder (default benchmarks/results/work_defaults[_quick])")
+    p.add_argument("--lesions", choices=["default", "ms"], default="default",
+                   help="ms: lesioned subjects carry realistic MS lesion loads (make_phantom(lesion_load='ms'): "
+                        "20-50 mostly 0.01-0.5 ml lesions each); work folder and outputs get the suffix _ms")
+    p.add_argument("--work", help="working folder (default benchmarks/results/work_defaults[_quick][_ms])")
     p.add_argument("--resume", action="store_true", help="reuse finished runs")
     p.add_argument("--report", action="store_true", help="only (re)write the tables from finished runs")
     p.add_argument("--out", help="output stem (default benchmarks/results/study_defaults[_quick])")
@@ -220,7 +223,8 @@ def fmt(ms) -> str:
 
 def markdown(agg_by_size: dict, settings: list[str], setup: dict) -> str:
     lines = [f"# Defaults study ({'quick smoke test' if setup['quick'] else 'full'})", "",
-             f"Realistic phantom ({'realism on' if setup['realism'] else 'realism OFF'}): {setup['healthy']} healthy "
+             f"Realistic phantom ({'realism on' if setup['realism'] else 'realism OFF'}"
+             f"{', MS lesion loads' if setup.get('lesion_load') == 'ms' else ''}): {setup['healthy']} healthy "
              f"subjects (80% train, 20% held out for validation and calibration), {setup['lesioned']} lesioned test "
              f"subjects; {setup['epochs']} epochs of batches of {setup['batch_size']}; seeds "
              f"{', '.join(map(str, setup['seeds']))}. Pixel AUPRC and best Dice, mean +- std over seeds; "
@@ -303,7 +307,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from anomaseg.data.phantom import make_phantom
 
-    suffix = "_quick" if args.quick else ""
+    suffix = ("_quick" if args.quick else "") + ("_ms" if args.lesions == "ms" else "")
     work = Path(args.work) if args.work else ROOT / "benchmarks" / "results" / f"work_defaults{suffix}"
     out_stem = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"study_defaults{suffix}"
     configs = [c.strip() for c in args.configs.split(",")] if args.configs else list(CONFIGS)
@@ -317,6 +321,7 @@ def main(argv=None) -> int:
     setup = {"quick": args.quick, "configs": configs, "settings": settings, "seeds": args.seeds, "sizes": args.sizes,
              "healthy": args.healthy, "lesioned": args.lesioned, "epochs": args.epochs, "batch_size": args.batch_size,
              "max_steps_per_epoch": args.max_steps, "phantom_seed": args.phantom_seed, "realism": not args.no_realism,
+             "lesion_load": args.lesions,
              "top": args.top, "machine": machine(), "torch_threads": None,
              "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
@@ -331,6 +336,8 @@ def main(argv=None) -> int:
         phantom = work / "phantom"
         print(f"phantom: {args.healthy} healthy + {args.lesioned} lesioned subjects in {phantom}", flush=True)
         kwargs = {} if args.no_realism else {"realism": True}
+        if args.lesions != "default":
+            kwargs["lesion_load"] = args.lesions
         make_phantom(phantom, args.healthy, args.lesioned, seed=args.phantom_seed, resolution=2,
                      modalities=("t1", "t2", "flair"), **kwargs)
         t0 = time.perf_counter()

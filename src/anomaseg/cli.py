@@ -76,7 +76,7 @@ def cmd_phantom(args) -> int:
     except ValueError as exc:
         raise InputError(None, f"--realistic: {exc}") from None
     out = make_phantom(args.out, args.healthy, args.lesioned, seed=args.seed, resolution=args.resolution,
-                       progress=True, realism=realism)
+                       progress=True, realism=realism, lesion_load=args.lesions)
     print(f"phantom written to {args.out}: {len(out['train'])} healthy cases in {Path(args.out) / 'train'}, "
           f"{len(out['test'])} lesioned cases in {Path(args.out) / 'test'}")
     return 0
@@ -306,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--realistic", nargs="?", const="all", metavar="FEATURES",
                    help="add FLAIR's normal hyperintensities (unlabelled) and lesions that are not the brightest "
                         "tissue: every feature, or a comma-separated subset (see README, `anomaseg phantom`)")
+    p.add_argument("--lesions", choices=["default", "ms"], default="default",
+                   help="ms: every lesioned case carries a realistic MS lesion load (20-50 mostly 0.01-0.5 ml "
+                        "periventricular, juxtacortical and deep white-matter lesions, some confluent)")
     p.set_defaults(func=cmd_phantom)
 
     p = sub.add_parser("train", help="train a model on healthy cases")

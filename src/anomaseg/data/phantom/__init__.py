@@ -32,6 +32,11 @@ The realism features draw from their own random streams: without them every subj
 PHANTOM_VERSION (same seed, same volumes); with them, it is deterministic per seed as well. All of
 them cost about a quarter more time per subject (benchmarks/README.md, "Phantom realism").
 
+MS lesion loads (off by default; ``make_phantom(..., lesion_load="ms")`` or ``anomaseg phantom
+--lesions ms``): every lesioned subject carries 20-50 MS lesions, mostly 0.01-0.5 ml, periventricular,
+juxtacortical and in deep white matter, some confluent, from their own random stream (``ms_load``,
+with the numbers' sources; ``info["ms_load"]`` lists each lesion's region and volume).
+
 Output follows the project's data contract (BraTS-style case folders)::
 
     out_dir/train/healthy_000/healthy_000_{t1,t1ce,t2,flair,mask}.nii.gz
@@ -50,6 +55,7 @@ The package, one job per module (each imports only the ones above it):
 - ``anatomy``: the template deformed into one subject (one resampling per tissue map);
 - ``lesions``: lesion shapes (tumour, MS-like ellipsoids);
 - ``realism``: the realism features (normal variants, realistic lesion families);
+- ``ms_load``: realistic MS lesion loads (``lesion_load="ms"``);
 - ``lesion_maps``: a subject's label map and lesion weights, family by family;
 - ``contrasts``: tissue and lesion intensities, rendering T1 / T1ce / T2 / FLAIR;
 - ``subject``: `make_subject`, composing the steps; ``writing``: `make_phantom`.
@@ -57,10 +63,11 @@ The package, one job per module (each imports only the ones above it):
 
 from anomaseg.data.phantom.contrasts import (LABELS, LESION_INTENSITY, MODALITIES, REALISTIC_LESION_INTENSITY,
                                              TISSUE_INTENSITY)
+from anomaseg.data.phantom.ms_load import LESION_LOADS
 from anomaseg.data.phantom.realism import NORMAL_VARIANTS, REALISM, REALISTIC_LESIONS, realism_features
 from anomaseg.data.phantom.subject import PhantomSubject, make_subject
 from anomaseg.data.phantom.writing import PHANTOM_VERSION, make_phantom
 
 __all__ = ["LABELS", "MODALITIES", "TISSUE_INTENSITY", "LESION_INTENSITY", "REALISTIC_LESION_INTENSITY",
-           "NORMAL_VARIANTS", "REALISTIC_LESIONS", "REALISM", "PHANTOM_VERSION", "make_phantom", "make_subject",
-           "realism_features", "PhantomSubject"]
+           "NORMAL_VARIANTS", "REALISTIC_LESIONS", "REALISM", "LESION_LOADS", "PHANTOM_VERSION", "make_phantom",
+           "make_subject", "realism_features", "PhantomSubject"]

@@ -131,15 +131,21 @@ def add_infarcts(maps: LesionMaps, rng, warp, anat: Anatomy, tpl, info: dict) ->
     return n
 
 
-def ms_candidates(anat: Anatomy, tpl, m_oed_full, avoid_realistic: np.ndarray | None):
-    """(flat box indices, prior weights) of white-matter voxels where MS lesion centres may fall:
-    outside a tumour's oedema and the realism lesions, weighted by the template's MS prior."""
+def free_white_matter(anat: Anatomy, m_oed_full, avoid_realistic: np.ndarray | None) -> np.ndarray:
+    """Box-local bool: white matter outside a tumour's oedema and (`avoid_realistic`: where True)
+    the realism lesions: where MS lesion centres may fall."""
     ok = (anat.wm > 0.5) & anat.mask
     if m_oed_full is not None:
         ok &= m_oed_full < 0.05
     if avoid_realistic is not None:
         ok &= avoid_realistic
-    cand = np.flatnonzero(ok)
+    return ok
+
+
+def ms_candidates(anat: Anatomy, tpl, m_oed_full, avoid_realistic: np.ndarray | None):
+    """(flat box indices, prior weights) of `free_white_matter` voxels, weighted by the template's
+    MS prior (periventricular, deep white matter)."""
+    cand = np.flatnonzero(free_white_matter(anat, m_oed_full, avoid_realistic))
     shape = tpl.brain.shape
     tc = np.rint(anat.coords.reshape(3, -1)[:, cand]).astype(np.intp)
     for a in range(3):

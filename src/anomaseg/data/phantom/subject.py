@@ -8,14 +8,15 @@ from typing import Iterable
 
 import numpy as np
 
-from anomaseg.data.phantom import lesion_maps
+from anomaseg.data.phantom import lesion_maps, ms_load
 from anomaseg.data.phantom.anatomy import Anatomy, deform_anatomy
 from anomaseg.data.phantom.contrasts import LABELS, MODALITIES, check_modalities, draw_realistic_intensities, render
 from anomaseg.data.phantom.fields import Warp, draw_warp
 from anomaseg.data.phantom.lesion_maps import LesionMaps
 from anomaseg.data.phantom.lesions import Blob, draw_tumour
 from anomaseg.data.phantom.realism import NORMAL_VARIANTS, REALISTIC_LESIONS, draw_mass, draw_variants, realism_features
-from anomaseg.data.phantom.seeds import STREAM_ANATOMY, STREAM_LESION, STREAM_REALISTIC_LESIONS, subject_rng
+from anomaseg.data.phantom.seeds import (STREAM_ANATOMY, STREAM_LESION, STREAM_MS_LOAD, STREAM_REALISTIC_LESIONS,
+                                         subject_rng)
 from anomaseg.data.phantom.template import Template, load_template
 
 
@@ -43,10 +44,15 @@ class PhantomSubject:
 
 
 def make_subject(index: int, lesioned: bool, seed: int = 0, resolution: int = 2,
-                 modalities: Iterable[str] = MODALITIES, realism=False) -> PhantomSubject:
-    """Synthesise one subject in memory; `make_phantom` writes exactly this for case `index`."""
+                 modalities: Iterable[str] = MODALITIES, realism=False, lesion_load: str = "default") -> PhantomSubject:
+    """Synthesise one subject in memory; `make_phantom` writes exactly this for case `index`.
+
+    `lesion_load`: "default" (the phantom's MS lesions: a few, 0.3-0.8% of the brain) or "ms"
+    (every lesioned subject carries a realistic MS lesion load, see `ms_load`).
+    """
     modalities = check_modalities(modalities)
     features = realism_features(realism)
+    lesion_load = ms_load.check_lesion_load(lesion_load)
     tpl = load_template(int(resolution))
     rng_les = subject_rng(seed, index, lesioned, STREAM_LESION)
     rng_real = subject_rng(seed, index, lesioned, STREAM_REALISTIC_LESIONS)
@@ -61,7 +67,8 @@ def make_subject(index: int, lesioned: bool, seed: int = 0, resolution: int = 2,
     info: dict = {"families": families}
     lesions = None
     if lesioned:
-        lesions = _draw_lesions(features, families, tumour, mass, warp, anat, tpl, rng_les, rng_real, info)
+        rng_load = subject_rng(seed, index, lesioned, STREAM_MS_LOAD) if lesion_load == "ms" else None
+        lesions = _draw_lesions(features, families, tumour, mass, warp, anat, tpl, rng_les, rng_real, rng_load, info)
 
     realistic_i = None
     if lesioned and any(f in REALISTIC_LESIONS for f in features):  # drawn for all modalities: same subject
@@ -100,8 +107,9 @@ def _draw_families(lesioned: bool, seed: int, index: int, features, tpl: Templat
 
 
 def _draw_lesions(features, families: list[str], tumour: Blob | None, mass: Blob | None, warp: Warp,
-                  anat: Anatomy, tpl: Template, rng_les, rng_real, info: dict) -> LesionMaps:
-    """Label map and lesion weights of a lesioned subject, in the order of `lesion_maps`."""
+                  anat: Anatomy, tpl: Template, rng_les, rng_real, rng_load, info: dict) -> LesionMaps:
+    """Label map and lesion weights of a lesioned subject, in the order of `lesion_maps`; with
+    `rng_load` (lesion_load="ms"), a realistic MS lesion load in place of the default MS lesions."""
     maps = LesionMaps.empty(anat.brain.shape)
     m_oed_full, n_tumour = None, 0
     if tumour is not None:
@@ -112,13 +120,21 @@ def _draw_lesions(features, families: list[str], tumour: Blob | None, mass: Blob
     if "infarct" in families:
         n_realistic += lesion_maps.add_infarcts(maps, rng_real, warp, anat, tpl, info)
 
+    avoid_realistic = maps.w_tissue > 0.95 if n_realistic else None
+    if rng_load is not None:
+        if "ms" not in families:
+            families.append("ms")
+        ms_load.add_ms_load(maps, rng_load, anat, tpl, lesion_maps.free_white_matter(anat, m_oed_full, avoid_realistic),
+                            "black_holes" in features, info)
+        maps.add_texture(rng_les, anat.brain, tpl.voxel_mm)
+        return maps
     need_ms = "ms" in families
     n_brain = int(anat.mask.sum())
     deficit = int(np.ceil(lesion_maps.MIN_LESION_FRACTION * n_brain)) - n_tumour - n_realistic
     if need_ms or deficit > 0:
         if not need_ms:
             families.append("ms")  # tumour clipped by the brain edge: top up with MS lesions
-        cand, weights = lesion_maps.ms_candidates(anat, tpl, m_oed_full, maps.w_tissue > 0.95 if n_realistic else None)
+        cand, weights = lesion_maps.ms_candidates(anat, tpl, m_oed_full, avoid_realistic)
         if need_ms:
             target, n_min = int(rng_les.uniform(0.003, 0.008) * n_brain), 3
         else:

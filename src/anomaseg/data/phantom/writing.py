@@ -14,6 +14,7 @@ import numpy as np
 from anomaseg.atomic import atomic_path, write_text
 from anomaseg.data.phantom.contrasts import (LABELS, LESION_INTENSITY, MODALITIES, REALISTIC_LESION_INTENSITY,
                                              TISSUE_INTENSITY, check_modalities)
+from anomaseg.data.phantom.ms_load import check_lesion_load
 from anomaseg.data.phantom.realism import realism_features
 from anomaseg.data.phantom.subject import PhantomSubject, make_subject
 from anomaseg.data.phantom.template import load_template
@@ -60,7 +61,7 @@ def _remove_stale_files(case_dir: Path, written: set[str]) -> None:
 
 
 def make_phantom(out_dir, n_healthy: int, n_lesioned: int, seed: int = 0, resolution: int = 2,
-                 modalities=MODALITIES, progress: bool = False, realism=False) -> dict:
+                 modalities=MODALITIES, progress: bool = False, realism=False, lesion_load: str = "default") -> dict:
     """Write a phantom dataset; return {"train": [case dirs], "test": [case dirs]} (pathlib.Path).
 
     `n_healthy` healthy subjects go to ``out_dir/train`` (no seg), `n_lesioned` lesioned subjects to
@@ -68,7 +69,8 @@ def make_phantom(out_dir, n_healthy: int, n_lesioned: int, seed: int = 0, resolu
     MNI152 voxel size in mm (2: 99x117x95, 1: 197x233x189). The same seed gives the same arrays;
     an existing phantom in `out_dir` is overwritten and phantom cases it no longer contains removed.
     `realism`: False (default: the phantom of PHANTOM_VERSION, unchanged), True (every feature of
-    `REALISM`) or some of their names; see the module docstring.
+    `REALISM`) or some of their names; see the package docstring. `lesion_load`: "default" or "ms"
+    (realistic MS lesion loads in every lesioned subject, see `ms_load`).
     """
     n_healthy, n_lesioned, seed, resolution = int(n_healthy), int(n_lesioned), int(seed), int(resolution)
     if n_healthy < 0 or n_lesioned < 0:
@@ -79,6 +81,7 @@ def make_phantom(out_dir, n_healthy: int, n_lesioned: int, seed: int = 0, resolu
         raise ValueError(f"resolution must be a positive number of mm, got {resolution}")
     modalities = check_modalities(modalities)
     features = realism_features(realism)
+    lesion_load = check_lesion_load(lesion_load)
     out_dir = Path(out_dir)
     jobs = [("train", f"healthy_{i:03d}", i, False) for i in range(n_healthy)]
     jobs += [("test", f"lesioned_{i:03d}", i, True) for i in range(n_lesioned)]
@@ -95,7 +98,7 @@ def make_phantom(out_dir, n_healthy: int, n_lesioned: int, seed: int = 0, resolu
             if progress:
                 print(f"phantom: {case} ({k + 1}/{len(jobs)})", file=sys.stderr, flush=True)
             subject = make_subject(index, lesioned, seed=seed, resolution=resolution, modalities=modalities,
-                                   realism=features)
+                                   realism=features, lesion_load=lesion_load)
             for f in pending:
                 f.result()  # re-raises a failed write
             case_dir = out_dir / split / case
@@ -125,6 +128,8 @@ def make_phantom(out_dir, n_healthy: int, n_lesioned: int, seed: int = 0, resolu
         },
         "cases": cases,
     }
+    if lesion_load != "default":
+        meta["lesion_load"] = lesion_load
     if features:
         meta["realism"] = list(features)
         meta["intensities"]["realistic_lesion"] = {
