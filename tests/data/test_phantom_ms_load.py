@@ -124,18 +124,20 @@ def test_deterministic_per_seed_and_opt_in(subjects):
     default = make_subject(0, True, seed=0, modalities=MODS)
     assert "ms_load" not in default.info
     assert np.array_equal(make_subject(0, True, seed=0, modalities=MODS, lesion_load="default").seg, default.seg)
+    # healthy (training) subjects are the default ones whatever the lesion load
+    healthy = [make_subject(0, False, seed=0, modalities=("flair",), lesion_load=load) for load in ("ms", "default")]
+    assert np.array_equal(healthy[0].images["flair"], healthy[1].images["flair"])
     with pytest.raises(ValueError, match="lesion load"):
         make_subject(0, True, lesion_load="many")
 
 
 def test_phantom_and_cli_write_the_load(tmp_path):
-    assert main(["phantom", "--out", str(tmp_path / "p"), "--healthy", "1", "--lesioned", "1",
+    assert main(["phantom", "--out", str(tmp_path / "p"), "--healthy", "0", "--lesioned", "1",
                  "--lesions", "ms"]) == 0
     meta = json.loads((tmp_path / "p" / "phantom.json").read_text())
     assert meta["lesion_load"] == "ms"
     assert len(meta["cases"]["lesioned_000"]["ms_load"]["lesions"]) >= N_LESIONS[0]
-    assert "ms_load" not in meta["cases"]["healthy_000"]
-    make_phantom(tmp_path / "d", 0, 1)
+    make_phantom(tmp_path / "d", 0, 0)  # the default writes no lesion_load entry (phantom.json unchanged)
     assert "lesion_load" not in json.loads((tmp_path / "d" / "phantom.json").read_text())
     with pytest.raises(SystemExit) as exc:
         main(["phantom", "--out", str(tmp_path / "q"), "--lesions", "many"])
