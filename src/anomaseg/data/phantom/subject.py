@@ -8,12 +8,13 @@ from typing import Iterable
 
 import numpy as np
 
-from anomaseg.data.phantom import lesion_maps, ms_load
 from anomaseg.data.phantom.anatomy import Anatomy, deform_anatomy
 from anomaseg.data.phantom.contrasts import LABELS, MODALITIES, check_modalities, draw_realistic_intensities, render
 from anomaseg.data.phantom.fields import Warp, draw_warp
-from anomaseg.data.phantom.lesion_maps import LesionMaps
+from anomaseg.data.phantom.lesion_maps import (MIN_LESION_FRACTION, LesionMaps, add_infarcts, add_isointense_mass,
+                                               add_ms, add_tumour, free_white_matter, ms_candidates)
 from anomaseg.data.phantom.lesions import Blob, draw_tumour
+from anomaseg.data.phantom.ms_load import add_ms_load, check_lesion_load
 from anomaseg.data.phantom.realism import NORMAL_VARIANTS, REALISTIC_LESIONS, draw_mass, draw_variants, realism_features
 from anomaseg.data.phantom.seeds import (STREAM_ANATOMY, STREAM_LESION, STREAM_MS_LOAD, STREAM_REALISTIC_LESIONS,
                                          subject_rng)
@@ -52,7 +53,7 @@ def make_subject(index: int, lesioned: bool, seed: int = 0, resolution: int = 2,
     """
     modalities = check_modalities(modalities)
     features = realism_features(realism)
-    lesion_load = ms_load.check_lesion_load(lesion_load)
+    lesion_load = check_lesion_load(lesion_load)
     tpl = load_template(int(resolution))
     rng_les = subject_rng(seed, index, lesioned, STREAM_LESION)
     rng_real = subject_rng(seed, index, lesioned, STREAM_REALISTIC_LESIONS)
@@ -113,28 +114,28 @@ def _draw_lesions(features, families: list[str], tumour: Blob | None, mass: Blob
     maps = LesionMaps.empty(anat.brain.shape)
     m_oed_full, n_tumour = None, 0
     if tumour is not None:
-        m_oed_full, n_tumour = lesion_maps.add_tumour(maps, rng_les, tumour, anat, tpl, info)
+        m_oed_full, n_tumour = add_tumour(maps, rng_les, tumour, anat, tpl, info)
     n_realistic = 0  # lesions of the realism features, labelled where their membership passes 0.5
     if mass is not None:
-        n_realistic += lesion_maps.add_isointense_mass(maps, rng_real, mass, anat, tpl, info)
+        n_realistic += add_isointense_mass(maps, rng_real, mass, anat, tpl, info)
     if "infarct" in families:
-        n_realistic += lesion_maps.add_infarcts(maps, rng_real, warp, anat, tpl, info)
+        n_realistic += add_infarcts(maps, rng_real, warp, anat, tpl, info)
 
     avoid_realistic = maps.w_tissue > 0.95 if n_realistic else None
     if rng_load is not None:
         if "ms" not in families:
             families.append("ms")
-        ms_load.add_ms_load(maps, rng_load, anat, tpl, lesion_maps.free_white_matter(anat, m_oed_full, avoid_realistic),
-                            "black_holes" in features, info)
+        add_ms_load(maps, rng_load, anat, tpl, free_white_matter(anat, m_oed_full, avoid_realistic),
+                    "black_holes" in features, info)
         maps.add_texture(rng_les, anat.brain, tpl.voxel_mm)
         return maps
     need_ms = "ms" in families
     n_brain = int(anat.mask.sum())
-    deficit = int(np.ceil(lesion_maps.MIN_LESION_FRACTION * n_brain)) - n_tumour - n_realistic
+    deficit = int(np.ceil(MIN_LESION_FRACTION * n_brain)) - n_tumour - n_realistic
     if need_ms or deficit > 0:
         if not need_ms:
             families.append("ms")  # tumour clipped by the brain edge: top up with MS lesions
-        cand, weights = lesion_maps.ms_candidates(anat, tpl, m_oed_full, avoid_realistic)
+        cand, weights = ms_candidates(anat, tpl, m_oed_full, avoid_realistic)
         if need_ms:
             target, n_min = int(rng_les.uniform(0.003, 0.008) * n_brain), 3
         else:
@@ -143,7 +144,7 @@ def _draw_lesions(features, families: list[str], tumour: Blob | None, mass: Blob
         if need_ms and "black_holes" in features:  # a part of the MS lesion load is T1 black holes
             black_holes = int(rng_real.uniform(0.3, 0.6) * target)
             target -= black_holes
-        lesion_maps.add_ms(maps, rng_les, rng_real, anat, tpl, cand, weights, target, n_min, black_holes, info)
+        add_ms(maps, rng_les, rng_real, anat, tpl, cand, weights, target, n_min, black_holes, info)
     maps.add_texture(rng_les, anat.brain, tpl.voxel_mm)
     return maps
 
