@@ -143,3 +143,54 @@ def test_disk_store_run_killed_mid_epoch_equals_the_in_memory_run(reference, tmp
     assert run_cli(["train", "--out", str(run), "--resume"], cache) == 0
     assert list((cache / "stores").glob("*.npy"))
     assert_same_run(run, ref)
+
+
+# The same command, --resume included, re-run after every kill (as a requeued cluster job runs it):
+# killed before config.yaml, before the first checkpoint, then at moments drawn at random (seeded,
+# so a failure repeats) among the step boundaries, checkpoint writes and epoch ends of the run.
+LATER_POINTS = ([f"train_step:epoch={e},step={s}" for e in (1, 2, 3) for s in range(1, 6)]
+                + [f"validation:epoch={e}" for e in (1, 2, 3)] + [f"bn_recalibration:epoch={e}" for e in (1, 2, 3)]
+                + ["checkpoint_write:file=last.pt,epoch=2,step=0", "checkpoint_write:file=last.pt,epoch=2,step=2"])
+
+
+@pytest.mark.slow
+def test_the_same_command_with_resume_is_idempotent(reference, tmp_path, capsys):
+    import random
+
+    data, ref, cache = reference
+    run = tmp_path / "run"
+    command = train_args(data, run) + ["--resume"]
+    drawn = sorted(random.Random(22).sample(range(1, len(LATER_POINTS)), 2))  # index 0 precedes the 2nd kill
+    points = ["data_prepared", "train_step:epoch=1,step=1"] + [LATER_POINTS[i] for i in drawn]
+    for point in points:
+        assert run_cli(command, cache, kill_at=point) == -signal.SIGKILL, f"not killed at {point}"
+        if point == "data_prepared":
+            assert not RunPaths(run).config.exists()  # died before writing anything of the run
+        if point == "train_step:epoch=1,step=1":
+            assert not RunPaths(run).last.exists()  # config.yaml, but no checkpoint yet
+    assert run_cli(command, cache) == 0
+    assert_same_run(run, ref)
+
+    # the folder holds this run: the command of another run (here another seed) is refused, one line
+    capsys.readouterr()
+    other = [a if a != "3" else "4" for a in command]  # --seed 3 -> --seed 4
+    assert main(other) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.seed" in err[0] and str(RunPaths(run).config) in err[0], err
+
+
+@pytest.mark.slow
+def test_sigusr1_and_sigterm_checkpoint_at_the_next_step_and_exit_for_requeue(reference, tmp_path):
+    """A scheduler's signals mid-epoch: a checkpoint at that step boundary, exit 128 + signal; the run
+    resumed from those checkpoints equals the uninterrupted one. SIGUSR1 comes before the run's first
+    own checkpoint, SIGTERM at the last step of an epoch."""
+    data, ref, cache = reference
+    run = tmp_path / "run"
+    command = train_args(data, run) + ["--resume"]
+    for point, sig, epoch, step in [("train_step:epoch=1,step=1", signal.SIGUSR1, 0, 1),
+                                    ("train_step:epoch=2,step=5", signal.SIGTERM, 1, 5)]:
+        assert run_cli(command, cache, kill_at=f"{point},signal={sig.name[3:]}") == 128 + sig
+        state = load_checkpoint(RunPaths(run).last)
+        assert (state["epoch"], state["step_in_epoch"]) == (epoch, step), sig.name
+    assert run_cli(command, cache) == 0
+    assert_same_run(run, ref)

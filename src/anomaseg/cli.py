@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from anomaseg.errors import InputError, InputWarning, one_line
+from anomaseg.errors import InputError, InputWarning, Stopped, one_line
 from anomaseg.parallel import WorkerError
 
 
@@ -28,9 +28,34 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-nodes", type=int, help="machines (with torchrun or SLURM, see the README), default 1")
     p.add_argument("--strategy", choices=["auto", "ddp"], help="auto: one process, or ddp for several")
     p.add_argument("--accelerator", choices=["auto", "cpu", "gpu", "cuda", "mps"], help="default auto")
+    _add_threads_option(p)
     p.add_argument("--config", help="YAML preset (see configs/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set model.params.beta=4 (repeatable)")
+
+
+THREADS_HELP = ("CPU threads, pinned (default: the CPUs this process may use that other work leaves free, "
+                "adapted while it runs; pin it for bit-identical reruns)")
+
+
+def _add_threads_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
+
+
+def _command_threads(args):
+    """The command's --threads (None: auto) for everything it runs (`anomaseg.threads`)."""
+    from anomaseg import threads
+
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        raise InputError(None, f"--threads must be >= 1, got {args.threads}")
+    return threads.pinned(getattr(args, "threads", None))
+
+
+def _start_threads() -> None:
+    """The thread policy at the start of a command that does not train (training adapts its own)."""
+    from anomaseg import threads
+
+    threads.start(log=lambda line: print(line, file=sys.stderr))
 
 
 def _add_bids_options(p: argparse.ArgumentParser) -> None:
@@ -55,7 +80,8 @@ def _overrides(args) -> dict:
     pairs = [("model", ("model", "name")), ("epochs", ("train", "epochs")), ("batch_size", ("train", "batch_size")),
              ("lr", ("train", "lr")), ("image_size", ("data", "image_size")), ("precision", ("train", "precision")),
              ("seed", ("train", "seed")), ("devices", ("train", "devices")), ("num_nodes", ("train", "num_nodes")),
-             ("strategy", ("train", "strategy")), ("accelerator", ("train", "accelerator"))]
+             ("strategy", ("train", "strategy")), ("accelerator", ("train", "accelerator")),
+             ("threads", ("train", "threads"))]
     for attr, (section, key) in pairs:
         if getattr(args, attr, None) is not None:
             o.setdefault(section, {})[key] = getattr(args, attr)
@@ -89,8 +115,17 @@ def cmd_train(args) -> int:
     from anomaseg.training import LAUNCH_KEYS, seed_phase, train
 
     overrides = _overrides(args)
-    if args.resume and RunPaths(Path(args.out)).config.exists():
-        config = cfg.resolve(RunPaths(Path(args.out)).config)
+    saved = RunPaths(Path(args.out)).config
+    if args.resume and saved.exists():
+        config = cfg.resolve(saved)
+        if args.data:  # the whole command again (a requeued job): it must describe the run in the folder
+            asked = cfg.resolve(args.config, overrides)
+            asked.train_dir = str(Path(args.data).resolve())
+            differ = _run_differences(config, asked)
+            if differ:
+                raise InputError(saved, f"the run folder holds another run (its config differs in "
+                                        f"{', '.join(differ[:4])}{', ...' if len(differ) > 4 else ''}); "
+                                        "choose another --out, or resume with --out RUN --resume alone")
         if args.epochs is not None and args.epochs < 1:
             raise InputError(None, f"--epochs must be >= 1, got {args.epochs}")
     else:
@@ -107,10 +142,38 @@ def cmd_train(args) -> int:
         return 0
     seed_phase(config.train.seed, "calibration")  # a calibration repeated after a kill draws the same
     scorer = calibrate(args.out, force=True)
+    if config.score.calibration == "fp_lesions":
+        rule = (f"with lesions of >= {scorer.post.min_lesion_ml_:g} ml: {scorer.post.healthy_fp_lesions_:.2f} "
+                f"false-positive lesions per held-out healthy case")
+    else:
+        rule = f"flags {config.score.healthy_fpr:.2%} of held-out healthy brain voxels"
     print(f"trained {config.model.name}: best validation loss {summary['best_val_loss']:.4g}; "
-          f"{scorer.predictor.name} threshold {scorer.post.threshold_:.4g} "
-          f"(flags {config.score.healthy_fpr:.2%} of held-out healthy brain voxels); run in {args.out}")
+          f"{scorer.predictor.name} threshold {scorer.post.threshold_:.4g} ({rule}); run in {args.out}")
     return 0
+
+
+def _run_differences(saved, asked) -> list[str]:
+    """Config keys (dotted) in which two runs differ, but for those a resume may change: the number
+    of epochs (extends the run) and how it is launched (processes, devices)."""
+    from anomaseg.training import LAUNCH_KEYS
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict) and v and prefix.count(".") < 1:
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    ignored = {"train.epochs", *(f"train.{k}" for k in LAUNCH_KEYS)}
+    a, b = dict(flat(saved.to_dict())), dict(flat(asked.to_dict()))
+    return [k for k in sorted(a.keys() | b.keys()) if k not in ignored and _plain(a.get(k)) != _plain(b.get(k))]
+
+
+def _plain(value):
+    """A config value as YAML gives it back (tuples are lists), for comparison."""
+    import json
+
+    return json.loads(json.dumps(value, default=str))
 
 
 def _check_precision(precision: str) -> None:
@@ -159,11 +222,18 @@ def cmd_score(args) -> int:
     if args.onnx and (args.predictor or args.predictor_params):
         raise InputError(None, "--onnx scores with the predictor exported into the file; drop --predictor")
     out = args.out
+    _start_threads()
     rows = score_dataset(args.run, args.data, out, predictor=args.predictor,
                          predictor_params=_predictor_params(args), workers=_workers(args), onnx=args.onnx,
-                         bids=_bids_query(args), qa=args.qa)
+                         bids=_bids_query(args), qa=args.qa, shard=_shard(args))
     print(f"wrote anomaly maps and segmentations of {len(rows)} cases to {out}")
     return 0
+
+
+def _shard(args) -> tuple[int, int] | None:
+    from anomaseg.shards import parse_shard
+
+    return None if args.shard is None else parse_shard(args.shard)
 
 
 def _default_score_out(data: str) -> str:
@@ -187,22 +257,41 @@ def cmd_export(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from anomaseg.evaluation import baseline_line, evaluate_dataset
+    from anomaseg.evaluation import baseline_line, evaluate_dataset, lesion_summary
 
+    _start_threads()
     result = evaluate_dataset(args.run, args.data, args.out, predictors=args.predictor, save_maps=args.save_maps,
                               predictor_params=_predictor_params(args), baseline=not args.no_baseline,
-                              workers=_workers(args), bids=_bids_query(args), qa=args.qa)
+                              workers=_workers(args), bids=_bids_query(args), qa=args.qa, shard=_shard(args))
     results = {result["predictor"]: result} if "per_case" in result else result
-    for name, r in results.items():
+    lines = dict(results)
+    if len(results) == 1 and result.get("baseline"):  # the baseline ran in the same pass: its line first
+        lines = {f"{result['baseline']['predictor']} (baseline)": result["baseline"], **results}
+    for name, r in lines.items():
         print(f"{name}: pixel AUROC {r['pixel_auroc']:.3f}, AUPRC {r['pixel_auprc']:.3f}, "
               f"best Dice {r['dice_best']:.3f}, Dice at threshold {r['dice_at_threshold']:.3f}, "
-              f"image AUROC {r['image_auroc']:.3f}")
+              f"image AUROC {r['image_auroc']:.3f}, {lesion_summary(r)}")
     for r in results.values():
         line = baseline_line(r)
         if line:
             print(line)
     print(f"metrics: {Path(args.out) / 'metrics.json' if len(results) == 1 else Path(args.out) / 'summary.json'}")
     print(f"report:  {Path(args.out) / 'report.html'}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from anomaseg.evaluation import baseline_line
+    from anomaseg.shards import merge_evaluations
+
+    result = merge_evaluations(args.shards, args.out)
+    results = {result["predictor"]: result} if "per_case" in result else result
+    first = next(iter(results.values()))
+    print(f"merged {len(args.shards)} shards ({first['n_cases']} cases) into {args.out}: "
+          f"{'metrics.json' if len(results) == 1 else 'summary.json'} and report.html")
+    for r in results.values():
+        print(f"{r['predictor']}: pixel AUROC {r['pixel_auroc']:.3f}, AUPRC {r['pixel_auprc']:.3f}, "
+              f"best Dice {r['dice_best']:.3f}" + (f"; {baseline_line(r)}" if baseline_line(r) else ""))
     return 0
 
 
@@ -255,6 +344,7 @@ def cmd_qa_fit(args) -> int:
 def cmd_qa_predict(args) -> int:
     from anomaseg.quality.assessor import predict_folders
 
+    _start_threads()
     rows = predict_folders(args.qa, args.data, args.segmentations, args.out, variant=args.variant)
     low = sum(r["predicted_dice"] < 0.5 for r in rows)
     print(f"predicted the Dice of {len(rows)} segmentations ({low} below 0.5): "
@@ -286,6 +376,8 @@ def cmd_models(args) -> int:
 
 WORKERS_HELP = ("processes to split the cases over (default 1); the outputs are the same with any number; "
                 "the machine's cores are divided between them, and on GPUs worker i uses GPU i mod count")
+SHARD_HELP = ("only shard I of N (0 <= I < N) of the cases, sorted by case id (every N-th from the I-th), e.g. "
+              "for array jobs; 'slurm': from SLURM_ARRAY_TASK_ID / _MIN / _STEP and SLURM_ARRAY_TASK_COUNT")
 PREDICTOR_PARAMS_HELP = ("hyper-parameters of named predictors, e.g. '{projection: {steps: 50}, grad_kl: {sigma: 1}}' "
                          "(the run's default predictor takes --set score.predictor_params at training)")
 
@@ -330,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictor-params", metavar="YAML", help=PREDICTOR_PARAMS_HELP)
     p.add_argument("--workers", type=int, default=1, help=WORKERS_HELP)
     p.add_argument("--qa", metavar="QA", help="QA model (`anomaseg qa fit`): add each segmentation's predicted Dice")
+    _add_threads_option(p)
+    p.add_argument("--shard", metavar="I/N", help=SHARD_HELP)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("evaluate", help="metrics and an HTML report on a labelled test set")
@@ -346,13 +440,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bids_options(p)
     p.add_argument("--qa", metavar="QA", help="QA model (`anomaseg qa fit`): add each segmentation's predicted Dice "
                                               "next to its true Dice")
+    _add_threads_option(p)
+    p.add_argument("--shard", metavar="I/N", help=SHARD_HELP + "; `anomaseg merge` combines the shards' outputs")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("merge", help="combine the outputs of `evaluate --shard` (array jobs) into one evaluation, "
+                                     "equal to one `evaluate` over all cases")
+    p.add_argument("shards", nargs="+", metavar="SHARD_DIR", help="the --out folders of every shard, once each")
+    p.add_argument("--out", required=True, help="output folder (metrics.json and report.html)")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("export", help="export a run's model and anomaly map to ONNX (scoring without PyTorch)")
     p.add_argument("--run", required=True)
     p.add_argument("--out", required=True, metavar="MODEL.onnx")
     p.add_argument("--format", choices=["onnx"], default="onnx")
-    p.add_argument("--predictor", help="predictor whose map is exported (default: the run's; exportable: residual)")
+    p.add_argument("--predictor", help="predictor whose map is exported (default: the run's; all export but "
+                                       "projection and skip_ganomaly)")
     p.add_argument("--predictor-params", metavar="YAML", help=PREDICTOR_PARAMS_HELP)
     p.set_defaults(func=cmd_export)
 
@@ -367,7 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mni", action="store_true", help="affine registration to nilearn's MNI152 template (outputs on its grid)")
     p.add_argument("--no-n4", action="store_true", help="skip N4 bias-field correction")
     p.add_argument("--iterations", type=int, default=100, help="registration iterations per pyramid level")
-    p.add_argument("--workers", type=int, help="cases processed in parallel (default: CPU count)")
+    p.add_argument("--workers", type=int, help="cases processed in parallel (default: the CPUs this process may "
+                                               "use, see --threads)")
+    _add_threads_option(p)
     _add_bids_options(p)
     p.set_defaults(func=cmd_preprocess)
     p = sub.add_parser("qa", help="segmentation quality assessment without ground truth (REC-Net + REG-Net)")
@@ -389,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any QA setting, e.g. --set rec_params.base_channels=16 --set reg_epochs=40 (repeatable)")
     q.add_argument("--resume", action="store_true", help="continue an interrupted fit in --out (its own settings)")
+    _add_threads_option(q)
     q.set_defaults(func=cmd_qa_fit)
     q = qa.add_parser("predict", help="predict the Dice of segmentations without ground truth")
     q.add_argument("--qa", required=True, help="QA model folder (from `anomaseg qa fit`)")
@@ -396,6 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--segmentations", nargs="+", required=True, metavar="SEGS", help="folders of segmentations")
     q.add_argument("--out", required=True, help="output folder: predictions.json and predictions.csv")
     q.add_argument("--variant", choices=["difference", "image", "both"], help="default: the first fitted")
+    _add_threads_option(q)
     q.set_defaults(func=cmd_qa_predict)
 
     p = sub.add_parser("demo", help="phantom -> train -> evaluate on built-in data, in minutes")
@@ -420,7 +527,7 @@ _default_showwarning = warnings.showwarning
 
 # Commands that write one output (a folder, or the run folder for train): they hold its lock from
 # start to end, so a second command on the same --out stops at once rather than after its work.
-LOCKED_COMMANDS = ("train", "score", "evaluate")
+LOCKED_COMMANDS = ("train", "score", "evaluate", "merge")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -437,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             warnings.simplefilter("default", InputWarning)
-            with lock:
+            with lock, _command_threads(args):
                 return args.func(args)
     except InputError as exc:
         print(f"anomaseg: error: {one_line(str(exc))}", file=sys.stderr)
@@ -452,6 +559,9 @@ def main(argv: list[str] | None = None) -> int:
     except WorkerError as exc:
         print(f"anomaseg: error: {exc}", file=sys.stderr)
         return 1
+    except Stopped as exc:  # a scheduler's SIGTERM / SIGUSR1: checkpoint written (see README, requeue)
+        print(f"anomaseg: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("anomaseg: interrupted (a training run continues with --resume)", file=sys.stderr)
         return 130

@@ -22,6 +22,20 @@ class InputWarning(UserWarning):
     images). The CLI prints it as one line, once per message."""
 
 
+class Stopped(Exception):
+    """A command stopped on a signal (a scheduler's SIGTERM or time-limit SIGUSR1) after saving what
+    it needs to continue. The CLI prints the message and exits with 128 + the signal's number, the
+    status of a process ended by that signal (143 for SIGTERM, 138 for SIGUSR1)."""
+
+    def __init__(self, signum: int, message: str):
+        self.signum = signum
+        super().__init__(message)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
 def one_line(message: str | BaseException) -> str:
     """A message (or an exception's) on one line: what the CLI prints; an empty exception message
     gives the exception's type name."""

@@ -14,7 +14,11 @@ harmless. Points used by training (epochs and steps count from 1, as in history.
     epoch_outputs     after history.json and samples, before the checkpoints   epoch
     checkpoint_write  a checkpoint written under its temporary name, not yet renamed
                       file, epoch, step (the checkpoint's resume position: epochs done, steps done)
+    data_prepared     training slices ready, before config.yaml (a run killed in its first seconds)   rank
     calibration       calibration fitted, calibration.json not yet written
+
+`signal=NAME` in the variable sends that signal instead of SIGKILL (`...,signal=TERM` or `USR1`), to
+test what the process does with a scheduler's signals (`training.StopSignals`).
 """
 
 from __future__ import annotations
@@ -36,5 +40,6 @@ def kill_point(name: str, **where) -> None:
     if not spec:
         return
     target, conditions = _parse(spec)
+    sent = getattr(signal, f"SIG{conditions.pop('signal', 'KILL')}")
     if target == name and all(str(where.get(k)) == v for k, v in conditions.items()):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), sent)

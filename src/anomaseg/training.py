@@ -23,7 +23,10 @@ calibration as an uninterrupted run of the same seed, bit for bit on the CPU in 
 - checkpoints are written under a temporary name and renamed; the replaced last.pt is kept as
   last.prev.pt and resume falls back to it if last.pt is damaged (`run.load_resume_checkpoint`).
 
-Not bit for bit: a run resumed on another number of processes (another split of each batch);
+Not bit for bit: a run whose CPU thread count differs or changes (reductions split differently):
+`train.threads: auto` lowers and raises it with other work on the machine, so runs that must match
+pin it (`--threads N`, kept on resume; the count used is in each history record);
+a run resumed on another number of processes (another split of each batch);
 and, untested, a run whose training step `torch.compile` compiles (`train.compile` on, or auto on
 long runs): compiled kernels round differently from eager ones, so the steps an uninterrupted auto
 run times eagerly before deciding differ; a resumed auto run keeps the decision its checkpoint
@@ -36,6 +39,8 @@ import contextlib
 import json
 import math
 import random
+import signal
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -44,13 +49,13 @@ import numpy as np
 import torch
 
 from anomaseg import config as cfg
-from anomaseg import distributed, runtime
+from anomaseg import distributed, threads
 from anomaseg.atomic import atomic_path, output_lock, write_text
 from anomaseg.compilation import StepCompiler, compile_mode
 from anomaseg.data.layout import find_cases
 from anomaseg.data import store
 from anomaseg.data.slices import CaseCache
-from anomaseg.errors import InputError
+from anomaseg.errors import InputError, Stopped
 from anomaseg.models import create_model
 from anomaseg.faults import kill_point
 from anomaseg.models.base import recalibrate_batchnorm
@@ -124,6 +129,44 @@ def seed_phase(seed: int, phase: str, epoch: int = 0, step: int = 0, rank: int =
         gen.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]))
 
 
+class StopSignals:
+    """SIGTERM (preemption, `scancel`, a time limit's end) and SIGUSR1 (SLURM's warning before the
+    time limit, `--signal=USR1@90`) ask a run to stop: the handler only notes the signal; the loop
+    writes a checkpoint at the next step boundary (or right after an epoch's own checkpoint) and
+    raises `errors.Stopped`. With several processes they agree on it every
+    TIMED_CHECKPOINT_SYNC_STEPS steps (any process's signal stops all), as for timed checkpoints."""
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _note(self, signum, frame) -> None:
+        self.received = self.received or signum
+
+    def requested(self, global_step: int, world: int, sync: bool = False) -> int | None:
+        """The signal to stop on, if one came (agreed by every process)."""
+        if world == 1:
+            return self.received
+        if not sync and global_step % TIMED_CHECKPOINT_SYNC_STEPS:
+            return None
+        flag = torch.tensor([float(self.received or 0)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item()) or None
+
+
 def _sample_grid(images: torch.Tensor, recons: torch.Tensor) -> np.ndarray:
     """Inputs (top row) over reconstructions (bottom row), first channel, anterior up, uint8."""
     def row(t):
@@ -150,10 +193,12 @@ class Trainer:
     processes hold identical models (checked every epoch). Rank 0 alone writes the run folder.
     """
 
-    def __init__(self, config: cfg.RunConfig, run_dir: str | Path, progress: bool = True):
+    def __init__(self, config: cfg.RunConfig, run_dir: str | Path, progress: bool = True,
+                 stop: StopSignals | None = None):
         self.config = config
         self.paths = RunPaths(Path(run_dir))
         self.progress = progress
+        self.stop = stop or StopSignals()  # not entered: no handlers, never asks to stop
 
     # ----------------------------------------------------------------------------- set-up
     def _launch(self):
@@ -247,8 +292,13 @@ class Trainer:
             if error is not None and announce:
                 print(f"warning: {error}; resuming from {used.name} instead")
             return state
-        if resume and not paths.config.exists():
-            raise InputError(paths.root, "nothing to resume: no checkpoint in this run folder")
+        if resume:  # idempotent, as requeue scripts need: an attempt killed before its first checkpoint
+            if not self.config.train_dir:
+                raise InputError(paths.root, "nothing to resume: no checkpoint in this run folder (give --data "
+                                             "to start the run)")
+            if announce:
+                print(f"{paths.root}: no checkpoint yet (an earlier attempt stopped before writing one): "
+                      "starting the run from the beginning")
         return None
 
     def _setup_model(self, fabric, state, in_channels: int, size: int):
@@ -287,6 +337,7 @@ class Trainer:
         state = self._resume_state(resume, announce=main)
         start_epoch, start_step = (state["epoch"], state.get("step_in_epoch", 0)) if state else (0, 0)
         split, train_x, val_x = self._prepare_data_once(fabric)
+        kill_point("data_prepared", rank=rank)
         if main:
             paths.root.mkdir(parents=True, exist_ok=True)
             for stale in paths.last.parent.glob(".*.tmp.pt"):  # a checkpoint write a kill interrupted
@@ -311,10 +362,11 @@ class Trainer:
                      f"{0 if val_x is None else len(val_x)} slices of {len(split['val'])} held-out cases; "
                      f"precision {self.precision}" + (f"; {world} processes, {bs // world} slices each per batch"
                                                       if world > 1 else ""))
-        if fabric.device.type == "cpu" and world == 1:
-            hint = runtime.shared_cpu_hint(torch.get_num_threads())
-            if hint:
-                fabric.print(hint)
+        # CPU threads (anomaseg.threads): the free CPUs, re-checked while training one process on the
+        # CPU; a pinned count anywhere; otherwise what Lightning gave each process
+        adapt = fabric.device.type == "cpu" and world == 1
+        governor = (threads.start(c.train.threads, fabric.print if main else None, adapt=adapt)
+                    if adapt or threads.pinned_count(c.train.threads) else None)
 
         def to_batch(t):  # float16 slices travel as they are stored; one conversion, on the device
             return fabric.to_device(t).to(torch.float32, memory_format=self.memory_format)
@@ -328,7 +380,7 @@ class Trainer:
             perm = torch.randperm(len(train_x), generator=gen)
             first = start_step if epoch == start_epoch else 0
             sums = _restore_sums(state.get("epoch_sums"), rank, world) if state is not None and first else {}
-            t0 = time.perf_counter()
+            t0, threads_at_start = time.perf_counter(), torch.get_num_threads()
             shares = [perm[s * bs:(s + 1) * bs][rank::world].numpy() for s in range(first, steps)]
             loader = store.batches(train_x, shares, c.train.num_workers, pin_memory=fabric.device.type == "cuda")
             with tqdm(range(first, steps), desc=f"epoch {epoch + 1}/{c.train.epochs}", unit="batch",
@@ -344,11 +396,17 @@ class Trainer:
                     started = time.perf_counter()
                     logs = model.training_step(x, optimizers, fabric.backward, fabric.autocast)
                     compiler.after_step(started, (c.train.epochs - epoch) * steps - step - 1)
+                    if governor is not None:
+                        governor.step(time.perf_counter() - started)
                     for k, v in logs.items():  # summed where the logs live: no device sync per step
                         sums[k] = sums.get(k, 0.0) + v
                     if not bar.disable and (step - first) % PROGRESS_EVERY == 0:
                         bar.set_postfix(loss=f"{float(logs['loss']):.4g}", refresh=False)
                     kill_point("train_step", epoch=epoch + 1, step=step + 1, rank=rank)
+                    signum = self.stop.requested(epoch * steps + step + 1, world)
+                    if signum:
+                        self._checkpoint(fabric, model, optimizers, epoch, step + 1, history, best_val, epoch_sums=sums)
+                        raise _stopped(signum, epoch + 1, step + 1, paths)
                     if step + 1 < steps and self._checkpoint_due(epoch * steps + step + 1, every, world):
                         self._checkpoint(fabric, model, optimizers, epoch, step + 1, history, best_val, epoch_sums=sums)
             if fabric.device.type == "cuda":  # the epoch's time includes the work still queued on the GPU
@@ -358,7 +416,9 @@ class Trainer:
                 self._recalibrate(fabric, model, train_x, bs, to_batch, epoch)
             sums = _mean_over_processes(sums, world)
             record = {"epoch": epoch + 1, **{f"train_{k}": v / steps for k, v in sums.items()},
-                      "slices_per_second": (steps - first) * bs / seconds}
+                      "slices_per_second": (steps - first) * bs / seconds, "threads": torch.get_num_threads()}
+            if record["threads"] != threads_at_start:  # a neighbour came or went during the epoch
+                record["threads_at_start"] = threads_at_start
             if val_x is not None:
                 with compiler.eager():
                     record.update({f"val_{k}": v for k, v in self._validate(fabric, model, val_x, bs, to_batch, epoch).items()})
@@ -375,6 +435,9 @@ class Trainer:
             fabric.print(f"epoch {epoch + 1}/{c.train.epochs}: " + ", ".join(
                 f"{k} {v:.4g}" for k, v in record.items() if k != "epoch") + (" (best)" if improved else ""))
             summary = record
+            signum = self.stop.requested(0, world, sync=True) if epoch + 1 < c.train.epochs else None
+            if signum:
+                raise _stopped(signum, epoch + 1, 0, paths)
         if world > 1:
             fabric.barrier()
         return {"history": history, "best_val_loss": best_val, "global_rank": rank, **summary}
@@ -460,6 +523,12 @@ class Trainer:
         _write_png(self.paths.samples / f"epoch_{epoch:03d}.png", _sample_grid(shown.float(), recon))
 
 
+def _stopped(signum: int, epoch: int, steps_done: int, paths: RunPaths) -> Stopped:
+    where = f"after step {steps_done} of epoch {epoch}" if steps_done else f"after epoch {epoch}"
+    return Stopped(signum, f"{signal.Signals(signum).name}: stopped {where} with a checkpoint in "
+                           f"{paths.last}; the same command with --resume continues the run")
+
+
 def compile_decision(compiler: StepCompiler) -> bool | None:
     """Whether the run decided to train compiled (True), eagerly (False), or has not decided (None)."""
     return {"compiled": True, "checking": True, "pending": True, "eager": False}.get(compiler.state)
@@ -507,7 +576,7 @@ def _mean_over_processes(sums: dict, world: int) -> dict[str, float]:
     return dict(zip(keys, values.tolist()))
 
 
-LAUNCH_KEYS = ("accelerator", "devices", "num_nodes", "strategy")  # how to run, not what to train
+LAUNCH_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "threads")  # how to run, not what to train
 
 
 def train(config: cfg.RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
@@ -532,5 +601,6 @@ def train(config: cfg.RunConfig, run_dir: str | Path, resume: bool = False, prog
         d = config.to_dict()
         d["train"].update({k: v for k, v in launch.items() if v is not None})
         config = cfg.RunConfig.from_dict(d)
-    with contextlib.nullcontext() if distributed.started_by_launcher() else output_lock(run_dir):
-        return Trainer(config, run_dir, progress=progress).fit(resume=resume)
+    with contextlib.nullcontext() if distributed.started_by_launcher() else output_lock(run_dir), \
+            StopSignals() as stop:
+        return Trainer(config, run_dir, progress=progress, stop=stop).fit(resume=resume)
