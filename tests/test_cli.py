@@ -33,6 +33,12 @@ def test_train_evaluate_score(trained_run, lesioned_dir, tmp_path, capsys):
     assert "les00" in html and "data:image/png;base64," in html
     # the intensity baseline, computed in the same pass, stands beside the model everywhere
     assert "residual vs the intensity baseline: AUPRC" in out
+    # lesion-level numbers: printed for the baseline and the model, FROC in metrics.json and the report
+    assert "intensity (baseline): pixel AUROC" in out and out.count("lesion F1") >= 3
+    assert 0 <= metrics["froc_score"] <= 1
+    assert set(metrics["froc_sensitivity"]) == {"1/8", "1/4", "1/2", "1", "2", "4", "8"}
+    assert metrics["froc_curve"]["fp_per_case"][0] == 0 and "froc_score" in metrics["baseline"]
+    assert "<h2>FROC</h2>" in html
     base = metrics["baseline"]
     assert base["predictor"] == "intensity" and base["n_voxels"] == metrics["n_voxels"]
     assert base["pixel_auroc"] > 0.85  # the synthetic lesion is bright: the baseline finds it too

@@ -88,8 +88,13 @@ class TrainConfig:
     devices: int = 1
     num_nodes: int = 1
     strategy: str = "auto"  # auto (one process, or ddp for several) | ddp
+    # CPU threads: auto (the free CPUs, adapted while training) | N (pinned: bit-identical reruns; anomaseg.threads)
+    threads: int | str = "auto"
 
     def __post_init__(self):
+        from anomaseg.threads import parse_setting
+
+        self.threads = parse_setting(self.threads)
         if self.lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
         _at_least(self, ("epochs", 1), ("batch_size", 1), ("num_workers", 0), ("seed", 0))
@@ -131,11 +136,26 @@ class ScoreConfig:
     min_component_size: int = 8  # connected components with fewer voxels are dropped
     healthy_fpr: float = 0.005  # threshold: this fraction of healthy brain voxels is flagged
     batch_size: int | None = None  # scoring batch; None: sized to the machine (inference.inference_batch_size)
+    # threshold rule (postprocess.py): voxel_fpr (the healthy_fpr quantile) or fp_lesions (threshold and
+    # minimum lesion volume fitted to <= healthy_fp_lesions false-positive lesions per healthy case)
+    calibration: str = "voxel_fpr"
+    # post-processing sizes: voxels (median_size, min_component_size) or mm (median_mm, min_lesion_ml,
+    # from each case's voxel spacing); None: voxels under voxel_fpr, mm under fp_lesions
+    size_units: str | None = None
+    median_mm: float = 3.0  # median window width (mm) per axis; 3 mm: 3 voxels at 1 mm, off at 2 mm
+    min_lesion_ml: float = 0.01  # components below this volume are dropped (size_units mm, voxel_fpr)
+    healthy_fp_lesions: float = 1.0  # fp_lesions: target mean false-positive lesions per healthy case
+    min_lesion_ml_candidates: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 0.2, 0.5])
 
     def __post_init__(self):
         _at_least(self, ("median_size", 0), ("erosion", 0), ("min_component_size", 0), ("batch_size", 1))
         if not 0 < self.healthy_fpr < 1:
             raise ValueError(f"healthy_fpr must be in (0, 1), got {self.healthy_fpr}")
+        from anomaseg.postprocess import PostProcessor
+
+        PostProcessor(calibration=self.calibration, size_units=self.size_units, median_mm=self.median_mm,
+                      min_lesion_ml=self.min_lesion_ml, healthy_fp_lesions=self.healthy_fp_lesions,
+                      min_lesion_ml_candidates=self.min_lesion_ml_candidates)  # its checks, one message
 
 
 @dataclass

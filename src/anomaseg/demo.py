@@ -15,7 +15,7 @@ from pathlib import Path
 
 from anomaseg import config as cfg
 from anomaseg.data.phantom import make_phantom
-from anomaseg.evaluation import baseline_line, evaluate_dataset
+from anomaseg.evaluation import baseline_line, evaluate_dataset, lesion_summary
 from anomaseg.scoring import calibrate
 from anomaseg.training import train
 
@@ -68,6 +68,9 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, progress: bool
     print(f"\npixel AUROC {metrics['pixel_auroc']:.3f} | pixel AUPRC {metrics['pixel_auprc']:.3f} | "
           f"best Dice {metrics['dice_best']:.3f} | Dice at the healthy-calibrated threshold "
           f"{metrics['dice_at_threshold']:.3f} | slice AUROC {metrics['image_auroc']:.3f}")
+    print(lesion_summary(metrics))
+    if metrics.get("baseline"):
+        print(f"intensity baseline: {lesion_summary(metrics['baseline'])}")
     line = baseline_line(metrics)
     if line:
         print(line)

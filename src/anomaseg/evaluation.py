@@ -11,7 +11,11 @@ Per predictor (all of them share one pass over the data: each case is read once)
   anomaly map inside the brain; Skip-GANomaly's own image score for that predictor);
 - per-volume Dice and AUPRC (mean +- std over the cases with lesions), lesion-wise detection
   (recall, precision, F1, false-positive lesions per case, recall by lesion size), absolute volume
-  difference, and a `per_lesion` table, from `lesion_metrics.LesionMetrics`.
+  difference, and a `per_lesion` table, from `lesion_metrics.LesionMetrics`;
+- the FROC curve over the threshold sweep (`froc_curve`: lesion sensitivity against false-positive
+  lesions per case, components and hits as in the lesion-wise metrics, small components removed as
+  in each case's segmentation) and its summary `froc_score` (mean sensitivity at 1/8 ... 8 false
+  positives per case) with `froc_sensitivity` per rate, from `lesion_sweep.FrocTally`.
 
 The intensity baseline (`predictors/intensity.py`) is evaluated in the same pass (unless
 `baseline=False`): every metrics.json holds its metrics under `baseline`, the relative gain of the
@@ -33,19 +37,22 @@ from anomaseg.atomic import OUTPUT_MARKER, atomic_dir, check_output_dir, write_t
 from anomaseg.data import bids as bids_io
 from anomaseg.data.io import load_volume, save_like
 from anomaseg.lesion_metrics import LesionMetrics, case_lesions
+from anomaseg.lesion_sweep import FrocTally
 from anomaseg.metrics import VoxelMetrics, binary_auprc, binary_auroc, dice_score
 from anomaseg.quality.assessor import load_assessor, with_predicted_dice
 from anomaseg.report import CaseOverlay, SideBySide, write_comparison_report, write_report
 from anomaseg.parallel import run_sharded, worker_device
 from anomaseg.report_viewer import MAX_VIEWERS, case_slices
-from anomaseg.run import load_run_config
-from anomaseg.scoring import ScorerSource, prepare_one, cases_to_score, bids_output_info, resolve_predictors
+from anomaseg.run import checkpoint_stamp, load_run_config
+from anomaseg.scoring import (ScorerSource, case_spacing, prepare_one, cases_to_score, bids_output_info,
+                              resolve_predictors)
 
 BASELINE = "intensity"  # the predictor every evaluation is compared with
 N_OVERLAYS = 2  # best and worst cases shown in the report
 N_SIDE_BY_SIDE = 3  # cases (largest lesions) shown with every predictor's map in the comparison report
-TABLE_KEYS = ("per_case", "per_lesion")  # long lists, kept out of summaries
-SUMMARY_KEYS = ["pixel_auroc", "pixel_auprc", "dice_best", "dice_at_threshold", "image_auroc"]
+TABLE_KEYS = ("per_case", "per_lesion", "froc_curve")  # long lists, kept out of summaries
+SUMMARY_KEYS = ["pixel_auroc", "pixel_auprc", "dice_best", "dice_at_threshold", "image_auroc", "lesion_f1",
+                "froc_score"]
 
 
 @dataclass
@@ -66,9 +73,13 @@ class PredictorTally:
     views: list = field(default_factory=list)  # (dice, case_id, display arrays) for the report
     lesions: LesionMetrics = field(default_factory=LesionMetrics)
     viewers: list = field(default_factory=list)  # (dice, case_id, CaseSlices): the best and worst cases
+    froc: FrocTally = field(default_factory=FrocTally)  # fixed-size histograms and counts; merge adds them
 
-    def add(self, case, smoothed: np.ndarray, scores: np.ndarray, seg: np.ndarray, model) -> None:
+    def add(self, case, smoothed: np.ndarray, scores: np.ndarray, seg: np.ndarray, model,
+            min_voxels: int = 1) -> None:
+        """Add one case; `min_voxels`: the smallest component its segmentation keeps (for the FROC)."""
         brain, truth = case.brain, case.truth
+        self.froc.update(smoothed, brain, truth, min_voxels)
         self.voxels.update(smoothed[brain], truth[brain])
         pred, gt = seg[brain] > 0, truth[brain]
         tp = int(np.count_nonzero(pred & gt))
@@ -122,6 +133,7 @@ class PredictorTally:
         self.lesions.merge(other.lesions)
         self.viewers.extend(other.viewers)
         self._keep_extreme_viewers()
+        self.froc.merge(other.froc)
         return self
 
     def metrics(self) -> dict:
@@ -143,8 +155,10 @@ class PredictorTally:
             "n_cases": len(self.per_case), "n_voxels": m["n_voxels"], "n_anomalous_voxels": m["n_positive"],
             "n_slices": int(len(labels)), "n_anomalous_slices": int(labels.sum()),
             **self.lesions.compute(),
+            **self.froc.compute(),
             "per_case": sorted(self.per_case, key=lambda row: row["case_id"]),
             "per_lesion": self.lesions.per_lesion(),
+            "froc_curve": self.froc.curve(),
         }
 
 
@@ -231,8 +245,9 @@ def evaluate_shard(rank: int, cases: list, report, job: EvaluationJob, out: Path
         for name, tally in tallies.items():
             scorer = scorers[name]
             smoothed, scores = scorer.predict_case(prepared)
-            seg = scorer.post.segment(smoothed)
-            tally.add(prepared, smoothed, scores, seg, model)
+            spacing = case_spacing(prepared)
+            seg = scorer.post.segment(smoothed, spacing=spacing)
+            tally.add(prepared, smoothed, scores, seg, model, scorer.post.min_voxels(spacing))
             if assessor is not None:
                 tally.per_case[-1] = with_predicted_dice(tally.per_case[-1], assessor.predict(qa_case, seg > 0))
             if row is not None:
@@ -277,7 +292,8 @@ def predictor_specs(run_dir, predictors: str | dict | None, predictor_params: di
 
 def evaluate_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path, predictors: str | dict | None = None,
                      save_maps: bool = False, progress: bool = True, predictor_params: dict | None = None,
-                     baseline: bool = True, workers: int = 1, bids=None, qa: str | Path | None = None) -> dict:
+                     baseline: bool = True, workers: int = 1, bids=None, qa: str | Path | None = None,
+                     shard: tuple[int, int] | None = None) -> dict:
     """Evaluate the run on a labelled test set; returns the metrics of the first predictor (or the
     summary of all). Writes OUT/metrics.json and OUT/report.html (one predictor), or one subfolder
     per predictor plus OUT/summary.json and OUT/report.html (several). `predictors`: see
@@ -288,7 +304,11 @@ def evaluate_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path,
     On a BIDS dataset (`bids`: its `BidsQuery`), `save_maps` writes OUT/maps[/<predictor>] as a
     BIDS-derivatives dataset (see `data.bids`).
     With `qa` (a folder from `anomaseg qa fit`), every per-case row also gets the `predicted_dice`
-    of its segmentation, predicted without the case's ground truth."""
+    of its segmentation, predicted without the case's ground truth.
+    `shard` (index, count): only that share of the cases (`shards.select`), and the state that
+    `anomaseg merge` combines exactly with the other shards' (`shards.write_state`)."""
+    from anomaseg import shards
+
     out_dir = Path(out_dir)
     check_output_dir(out_dir)
     qa = None if qa is None else str(Path(qa).resolve())
@@ -296,6 +316,9 @@ def evaluate_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path,
     run_dir = str(Path(run_dir).resolve())
     config = load_run_config(run_dir)
     cases, spec = cases_to_score(run_dir, data, config, require_seg=True, bids=bids)
+    all_ids = [c.case_id for c in cases]
+    if shard is not None:
+        cases = shards.select(cases, shard)
     built = {}  # label -> (source, fitted scorer); calibrated here, once, before any worker starts
     for label, (name, params) in predictor_specs(run_dir, predictors, predictor_params).items():
         source = ScorerSource(run_dir, name, params)
@@ -322,21 +345,34 @@ def evaluate_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path,
             for name in reported:
                 bids_io.write_description(tmp / "maps" / (name if len(reported) > 1 else ""), Path(data),
                                           f"anomaly maps and segmentations ({name})")
-        base = tallies[BASELINE] if baseline else None
-        base_metrics = base.metrics() if base is not None else None
-        results = {}
-        for name in reported:
-            folder = tmp if len(reported) == 1 else tmp / name
-            results[name] = _write_results(folder, tallies[name], run_dir, data,
-                                           None if base is None or name == BASELINE else (base, base_metrics), qa)
-        if len(reported) > 1:
-            summary = {name: {k: v for k, v in r.items() if k not in TABLE_KEYS} for name, r in results.items()}
-            write_text(tmp / "summary.json", json.dumps(_jsonable(summary), indent=1))
-            write_text(tmp / "summary.md", summary_table(summary))
-            write_comparison_report(tmp / "report.html", summary, [r for _, _, r in side_by_side], SUMMARY_KEYS,
-                                    baseline=BASELINE if baseline else None)
+        if shard is not None:  # before the results are written (writing them annotates per-case rows)
+            shards.write_state(tmp, shards.shard_meta(shard, run_dir, checkpoint_stamp(run_dir), data, all_ids,
+                                                      [c.case_id for c in cases], tallies, reported, baseline, qa),
+                               tallies, side_by_side)
+        results = write_evaluation(tmp, tallies, side_by_side, reported, baseline, run_dir, data, qa)
         (tmp / OUTPUT_MARKER).touch()
     return results[next(iter(results))] if len(results) == 1 else results
+
+
+def write_evaluation(tmp: Path, tallies: dict, side_by_side: list, reported: list, baseline: bool, run_dir, data,
+                     qa=None) -> dict:
+    """The results of merged tallies into folder `tmp`: metrics.json and report.html (one reported
+    predictor), or a folder per predictor plus summary.json, summary.md and the comparison report.
+    `evaluate` and `anomaseg merge` (shards of an array job) both write through here."""
+    base = tallies[BASELINE] if baseline else None
+    base_metrics = base.metrics() if base is not None else None
+    results = {}
+    for name in reported:
+        folder = tmp if len(reported) == 1 else tmp / name
+        results[name] = _write_results(folder, tallies[name], run_dir, data,
+                                       None if base is None or name == BASELINE else (base, base_metrics), qa)
+    if len(reported) > 1:
+        summary = {name: {k: v for k, v in r.items() if k not in TABLE_KEYS} for name, r in results.items()}
+        write_text(tmp / "summary.json", json.dumps(_jsonable(summary), indent=1))
+        write_text(tmp / "summary.md", summary_table(summary))
+        write_comparison_report(tmp / "report.html", summary, [r for _, _, r in side_by_side], SUMMARY_KEYS,
+                                baseline=BASELINE if baseline else None)
+    return results
 
 
 def _write_results(folder: Path, tally: PredictorTally, run_dir, data, baseline=None, qa=None) -> dict:
@@ -345,7 +381,7 @@ def _write_results(folder: Path, tally: PredictorTally, run_dir, data, baseline=
     metrics["run"], metrics["data"] = str(Path(run_dir).resolve()), str(Path(data).resolve())
     if qa is not None:
         metrics["qa"] = qa
-    base_curves = None
+    base_curves = base_froc = None
     if baseline is not None:
         base_tally, base_metrics = baseline
         metrics["baseline"] = {k: v for k, v in base_metrics.items() if k not in TABLE_KEYS}
@@ -354,6 +390,7 @@ def _write_results(folder: Path, tally: PredictorTally, run_dir, data, baseline=
         for row in metrics["per_case"]:
             row["baseline_dice"] = base_dice.get(row["case_id"])
         base_curves = base_tally.voxels.curves()
+        base_froc = base_metrics["froc_curve"]
     write_text(folder / "metrics.json", json.dumps(_jsonable(metrics), indent=1))
     overlays = []
     for dice, case_id, view in tally.views:
@@ -366,11 +403,11 @@ def _write_results(folder: Path, tally: PredictorTally, run_dir, data, baseline=
                  title=f"anomaseg evaluation: {metrics['predictor']}",
                  baseline=None if baseline is None else (metrics["baseline"], base_curves), compare_keys=SUMMARY_KEYS,
                  viewers=[v for _, _, v in sorted(tally.viewers, key=lambda v: (-v[0], v[1]))],
-                 per_lesion=metrics["per_lesion"])
+                 per_lesion=metrics["per_lesion"], froc=(metrics["froc_curve"], base_froc))
     return metrics
 
 
-GAIN_KEYS = ["pixel_auprc", "dice_best"]
+GAIN_KEYS = ["pixel_auprc", "dice_best", "lesion_f1", "froc_score"]
 
 
 def relative_gain(value, reference) -> float:
@@ -393,7 +430,25 @@ def baseline_line(metrics: dict) -> str | None:
         wins.append(metrics[key] > base[key])
     verdict = ("beats the baseline" if all(wins) else "loses to the baseline" if not any(wins)
                else "mixed against the baseline")
-    return (f"{metrics['predictor']} vs the intensity baseline: {', '.join(parts)}: {verdict}")
+    lesions = ""
+    if "lesion_f1" in metrics and "lesion_f1" in base:
+        lesions = (f"; lesion F1 at the calibrated threshold {_fmt3(metrics['lesion_f1'])} vs "
+                   f"{_fmt3(base['lesion_f1'])}, FROC score {_fmt3(metrics.get('froc_score'))} vs "
+                   f"{_fmt3(base.get('froc_score'))}")
+    return (f"{metrics['predictor']} vs the intensity baseline: {', '.join(parts)}: {verdict}{lesions}")
+
+
+def _fmt3(x) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.3f}"
+
+
+def lesion_summary(metrics: dict) -> str:
+    """Lesion-level numbers of one predictor for the command line: F1 (recall / precision) at the
+    calibrated threshold, false-positive lesions per case and the FROC score."""
+    return (f"lesion F1 {_fmt3(metrics.get('lesion_f1'))} (recall {_fmt3(metrics.get('lesion_recall'))}, "
+            f"precision {_fmt3(metrics.get('lesion_precision'))}, "
+            f"{_fmt3(metrics.get('false_positive_lesions_per_case'))} false-positive lesions per case), "
+            f"FROC score {_fmt3(metrics.get('froc_score'))}")
 
 
 def summary_table(summary: dict) -> str:

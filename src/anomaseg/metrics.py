@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["VoxelMetrics", "dice_score", "binary_auroc", "binary_auprc"]
+__all__ = ["VoxelMetrics", "bin_max_value", "bin_positions", "dice_score", "binary_auroc", "binary_auprc"]
 
 # Elements per internal block of an update(): bounds the temporaries (~8 bytes per element) and
 # keeps them cache-friendly, whatever the size of the array passed in.
@@ -101,6 +101,43 @@ def _add_counts(counts: np.ndarray, keys: np.ndarray, offset: bool) -> None:
             keys = keys - lo
     c = np.bincount(keys)
     counts[lo : lo + c.size] += c
+
+
+# ----------------------------------------------------------------------------------------------
+# order-preserving bins of float32 scores (also used by lesion_sweep's FROC histograms)
+# ----------------------------------------------------------------------------------------------
+
+
+def bin_max_value(position, bits: int) -> np.ndarray:
+    """Largest non-NaN float32 value that falls into each bin position (float64 array) of the
+    order-preserving key with `bits` top bits (`VoxelMetrics`' bins)."""
+    half = 1 << (bits - 1)
+    size = 1 << bits
+    shift = 32 - bits
+    position = np.maximum(np.asarray(position, dtype=np.int64), 0)
+    # the merged -0.0 bin holds nothing: step below it
+    position = np.where(position == half - 1, half - 2, position)
+    nonneg = position >= half
+    raw = np.where(nonneg, position - half, size - 1 - position).astype(np.uint64)
+    low_mask = np.uint64((1 << shift) - 1)
+    pattern = np.where(nonneg, (raw << np.uint64(shift)) | low_mask, raw << np.uint64(shift))
+    with np.errstate(invalid="ignore"):  # NaN patterns (signalling ones warn when widened)
+        val = pattern.astype(np.uint32).view(np.float32).astype(np.float64)
+    # only the +/-inf bins hold NaN patterns next to a real value; NaN-only bins are never used
+    return np.where(np.isnan(val), np.where(nonneg, np.inf, -np.inf), val)
+
+
+def bin_positions(values, bits: int) -> np.ndarray:
+    """Bin position (ascending score order) of each float32 value under the order-preserving key
+    with `bits` top bits (`VoxelMetrics`' bins; -0.0 shares +0.0's bin). NaN is not allowed."""
+    v = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    if np.isnan(v).any():
+        raise ValueError("values must not be NaN")
+    u = v.view(np.uint32)
+    raw = (u >> np.uint32(32 - bits)).astype(np.int64)
+    half = 1 << (bits - 1)
+    position = np.where(u >> np.uint32(31), (1 << bits) - 1 - raw, half + raw)
+    return np.where(position == half - 1, half, position)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,20 +247,7 @@ class VoxelMetrics:
 
     def _max_value(self, position: np.ndarray) -> np.ndarray:
         """Largest non-NaN float32 value that falls into each bin position (float64 array)."""
-        half = 1 << (self.bits - 1)
-        size = 1 << self.bits
-        shift = 32 - self.bits
-        position = np.maximum(np.asarray(position, dtype=np.int64), 0)
-        # the merged -0.0 bin holds nothing: step below it
-        position = np.where(position == half - 1, half - 2, position)
-        nonneg = position >= half
-        raw = np.where(nonneg, position - half, size - 1 - position).astype(np.uint64)
-        low_mask = np.uint64((1 << shift) - 1)
-        bits = np.where(nonneg, (raw << np.uint64(shift)) | low_mask, raw << np.uint64(shift))
-        with np.errstate(invalid="ignore"):  # NaN patterns (signalling ones warn when widened)
-            val = bits.astype(np.uint32).view(np.float32).astype(np.float64)
-        # only the +/-inf bins hold NaN patterns next to a real value; NaN-only bins are never used
-        return np.where(np.isnan(val), np.where(nonneg, np.inf, -np.inf), val)
+        return bin_max_value(position, self.bits)
 
     def _position_of(self, threshold: float) -> int:
         """Bin position of the float32 t with (score > threshold) == (score > t) for float32 scores."""

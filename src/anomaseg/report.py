@@ -58,6 +58,16 @@ class SideBySide:
 # ----------------------------------------------------------------------------------------------
 
 
+def generation_time() -> str:
+    """When a report says it was written: now, or SOURCE_DATE_EPOCH (the reproducible-builds
+    convention) where set, so that two reports of the same results compare byte for byte."""
+    import os
+
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    when = datetime.fromtimestamp(int(epoch), timezone.utc) if epoch and epoch.isdigit() else datetime.now(timezone.utc)
+    return when.strftime("%Y-%m-%d %H:%M UTC")
+
+
 def escape_html(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
@@ -325,6 +335,7 @@ CLINICAL_ROWS = [  # (label, mean key, std key) of lesion_metrics.LesionMetrics
     ("lesion F1", "lesion_f1", None), ("false-positive lesions per case", "false_positive_lesions_per_case", None),
     ("absolute volume difference (ml)", "abs_volume_difference_ml_mean", "abs_volume_difference_ml_std"),
     ("absolute volume difference (%)", "abs_volume_difference_percent_mean", None),
+    ("FROC score (mean sensitivity at 1/8-8 false positives per case)", "froc_score", None),
 ]
 
 
@@ -371,6 +382,7 @@ def write_report(
     compare_keys: list[str] | None = None,
     viewers: list | None = None,
     per_lesion: list[dict] | None = None,
+    froc: tuple[dict, dict | None] | None = None,
 ) -> None:
     """Write one self-contained HTML report to ``path`` (atomically).
 
@@ -380,7 +392,8 @@ def write_report(
     ``overlays``: one row of panels per :class:`CaseOverlay` (may be empty); ``baseline``: the
     (metrics, curves) of the intensity baseline on the same cases, shown as the first row of a
     comparison table (columns ``compare_keys``) and the first curve of each plot; ``viewers``:
-    :class:`report_viewer.CaseSlices` to browse slice by slice; ``per_lesion``: the lesion table.
+    :class:`report_viewer.CaseSlices` to browse slice by slice; ``per_lesion``: the lesion table;
+    ``froc``: (curve, the baseline's curve or None) as ``lesion_sweep.FrocTally.curve()`` gives them.
     With lesion metrics in ``metrics`` (``lesion_metrics``), a clinical section and the
     size-stratified recall plot are added.
     """
@@ -407,6 +420,14 @@ def write_report(
         sections += ["<h2>Clinical metrics</h2>", _clinical_html(metrics, baseline[0] if baseline else None)]
         if size_uri:
             sections.append(_img(size_uri, "lesion recall by lesion size"))
+    froc_uri = report_viewer.froc_png(metrics, froc[0], baseline[0] if baseline else None, froc[1]) if froc else None
+    if froc_uri:
+        sections += ["<h2>FROC</h2>", _img(froc_uri, "FROC curve"),
+                     '<p class="note">Lesion sensitivity against false-positive lesions per case over the '
+                     "threshold sweep (components and hits as in the clinical metrics, small components removed "
+                     "as in the segmentation; a case's false-positive count is its running maximum from the "
+                     "highest threshold down). FROC score: the mean sensitivity at 1/8, 1/4, 1/2, 1, 2, 4 and 8 "
+                     "false positives per case.</p>"]
     if viewers:
         sections += [f"<h2>Slice viewer ({len(viewers)} cases)</h2>", report_viewer.viewers_html(viewers)]
     sections += [
@@ -430,7 +451,7 @@ def write_report(
     else:
         sections.append('<p class="note">no overlays</p>')
 
-    created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    created = generation_time()
     doc = (
         "<!DOCTYPE html>\n"
         '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
@@ -462,7 +483,7 @@ def write_comparison_report(path, summary: dict, rows: list[SideBySide], keys: l
                 f"<h2>Maps side by side ({len(rows)} case(s) with the largest lesions)</h2>"]
     sections += [f"<figure>{_img(_side_by_side_png(r), r.case_id)}</figure>" for r in rows] or \
         ['<p class="note">no cases</p>']
-    created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    created = generation_time()
     doc = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
            f"<title>{escape_html(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
            f"<h1>{escape_html(title)}</h1>\n"

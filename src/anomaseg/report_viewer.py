@@ -243,3 +243,37 @@ def size_recall_png(metrics: dict, baseline: dict | None = None) -> str | None:
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return png_data_uri(fig)
+
+
+def froc_png(metrics: dict, curve: dict, baseline: dict | None = None,
+             baseline_curve: dict | None = None) -> str | None:
+    """The FROC curve (lesion sensitivity against false-positive lesions per case, log axis, points
+    joined linearly as the summary interpolates them; the summary's rates 1/8 ... 8 marked), the
+    baseline's beside it in grey. Points at 0 false positives are drawn at the axis' left end."""
+    from matplotlib.figure import Figure
+
+    from anomaseg.lesion_sweep import FROC_RATES
+
+    series = []
+    if baseline and baseline_curve and baseline_curve.get("fp_per_case"):
+        series.append((f"{baseline.get('predictor', 'intensity')} (baseline)", baseline, baseline_curve, "0.45"))
+    if curve and curve.get("fp_per_case"):
+        series.append((str(metrics.get("predictor", "model")), metrics, curve, "C2"))
+    if not series:
+        return None
+    fig = Figure(figsize=(6.0, 3.6))
+    ax = fig.subplots()
+    low = FROC_RATES[0] / 4
+    for label, m, c, colour in series:
+        score = m.get("froc_score")
+        text = label + (f" (FROC score {score:.3f})" if isinstance(score, float) and np.isfinite(score) else "")
+        ax.plot(np.maximum(c["fp_per_case"], low), c["sensitivity"], color=colour, lw=1.6, label=mpl_text(text))
+    for rate in FROC_RATES:
+        ax.axvline(rate, color="0.85", lw=0.8, zorder=0)
+    ax.set_xscale("log")
+    ax.set(xlim=(low, FROC_RATES[-1] * 4), ylim=(0, 1.02), xlabel="false-positive lesions per case",
+           ylabel="lesion sensitivity", title="FROC (lesions over the threshold sweep)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return png_data_uri(fig)
+

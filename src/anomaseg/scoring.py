@@ -38,7 +38,14 @@ def predictor_key(name: str, params: dict) -> str:
 
 
 def make_postprocessor(score: cfg.ScoreConfig) -> PostProcessor:
-    return PostProcessor(score.median_size, score.erosion, score.min_component_size, score.healthy_fpr)
+    return PostProcessor(score.median_size, score.erosion, score.min_component_size, score.healthy_fpr,
+                         score.calibration, score.size_units, score.median_mm, score.min_lesion_ml,
+                         score.healthy_fp_lesions, score.min_lesion_ml_candidates)
+
+
+def case_spacing(case: PreparedCase) -> tuple[float, float, float]:
+    """The case's voxel size in mm along the axes of its RAS+ arrays."""
+    return tuple(case.meta.get("spacing", (1.0, 1.0, 1.0)))
 
 
 @dataclass
@@ -103,7 +110,7 @@ class Scorer:
     def predict_case(self, case: PreparedCase) -> tuple[np.ndarray, np.ndarray]:
         """Post-processed anomaly map on the case's RAS+ voxel grid, and the score of every slice."""
         maps, scores = self.predict_slices(case)
-        return self.post.smooth(case.geometry.to_volume(maps), case.brain), scores
+        return self.post.smooth(case.geometry.to_volume(maps), case.brain, case_spacing(case)), scores
 
     def smoothed_volume(self, case: PreparedCase) -> np.ndarray:
         """Post-processed anomaly map on the case's RAS+ voxel grid."""
@@ -121,7 +128,7 @@ class Scorer:
             self.predictor.fit(self.net, batches())
         with tqdm(healthy, desc=f"calibrating {self.predictor.name}", unit="case", disable=not progress,
                   leave=False) as cases:
-            self.post.fit([(self.smoothed_volume(c), c.brain) for c in cases])
+            self.post.fit([(self.smoothed_volume(c), c.brain, case_spacing(c)) for c in cases])
         return self
 
 
@@ -150,6 +157,7 @@ def calibrate(run_dir: str | Path, predictor: str | None = None, params: dict | 
         try:  # an entry of another anomaseg version may not load: it is then fitted again
             pred.load_fitted_state(entry["predictor_state"])
             scorer.post.threshold_ = float(entry["threshold"])
+            scorer.post.load_fitted_state(entry.get("postprocess_fitted", {}))
             return scorer
         except (KeyError, TypeError, ValueError, AttributeError):
             pred = _predictor(name, params, config)
@@ -171,6 +179,7 @@ def calibrate(run_dir: str | Path, predictor: str | None = None, params: dict | 
     kill_point("calibration")
     store[key] = {"predictor": name, "params": params, "checkpoint": stamp, "predictor_state": pred.fitted_state(),
                   "postprocess": vars_of(post_settings), "threshold": scorer.post.threshold_,
+                  "postprocess_fitted": scorer.post.fitted_state(),
                   "healthy_fpr": config.score.healthy_fpr, "calibration_cases": ids,
                   "n_calibration_voxels": scorer.post.n_calibration_voxels_}
     write_text(paths.calibration, json.dumps(store, indent=1))
@@ -283,7 +292,7 @@ def score_shard(rank: int, cases: list, report, source: ScorerSource, out: Path,
         report(case.case_id)
         prepared = prepare_cases([case], spec, cache, progress=False)[0]
         smoothed = scorer.smoothed_volume(prepared)
-        seg = scorer.post.segment(smoothed)
+        seg = scorer.post.segment(smoothed, spacing=case_spacing(prepared))
         ref = load_volume(prepared.reference, header_only=True)
         if bids_out is not None:
             bids_io.save_case_outputs(out, Path(bids_out[0]), case, ref, smoothed, seg, bids_out[1])
@@ -299,7 +308,8 @@ def score_shard(rank: int, cases: list, report, source: ScorerSource, out: Path,
 
 def score_dataset(run_dir: str | Path | None, data: str | Path, out_dir: str | Path, predictor: str | None = None,
                   progress: bool = True, predictor_params: dict | None = None, workers: int = 1,
-                  onnx: str | Path | None = None, bids=None, qa: str | Path | None = None) -> list[dict]:
+                  onnx: str | Path | None = None, bids=None, qa: str | Path | None = None,
+                  shard: tuple[int, int] | None = None) -> list[dict]:
     """Write `<case>_anomaly_map.nii.gz` (float32) and `<case>_segmentation.nii.gz` (uint8) per case,
     on the input's grid, affine and header. The output folder appears only when complete. For a BIDS
     dataset (`bids`: its `BidsQuery`) the output folder is a BIDS-derivatives dataset instead
@@ -308,7 +318,8 @@ def score_dataset(run_dir: str | Path | None, data: str | Path, out_dir: str | P
     `workers` > 1 splits the cases over that many processes (`parallel.run_sharded`); the outputs
     are the same as with one. `onnx`: score with an exported model (`anomaseg export`) and ONNX
     Runtime instead of a run folder (`run_dir` is then not used). With `qa` (a folder from
-    `anomaseg qa fit`) each case also gets the `predicted_dice` of its segmentation."""
+    `anomaseg qa fit`) each case also gets the `predicted_dice` of its segmentation. `shard` (index,
+    count): only that share of the cases (`shards.select`, for array jobs; scores.json names it)."""
     from anomaseg.quality.assessor import load_assessor
 
     out_dir = Path(out_dir)
@@ -324,6 +335,10 @@ def score_dataset(run_dir: str | Path | None, data: str | Path, out_dir: str | P
     from anomaseg.data import bids as bids_io
 
     cases = find_cases(data, spec.modalities, require_seg=False, bids=bids)
+    if shard is not None:
+        from anomaseg.shards import select
+
+        cases = select(cases, shard)
     scorer = source.build(progress)  # calibrates once, here, before any worker starts
     bids_out = None
     if bids_io.is_bids_root(data) and onnx is None:
@@ -337,6 +352,8 @@ def score_dataset(run_dir: str | Path | None, data: str | Path, out_dir: str | P
                    "predictor": scorer.predictor.name, "threshold": scorer.post.threshold_, "cases": rows}
         if qa is not None:
             summary["qa"] = qa
+        if shard is not None:
+            summary["shard"] = list(shard)
         write_text(tmp / "scores.json", json.dumps(summary, indent=1))
         if bids_out is not None:
             bids_io.write_description(tmp, Path(data), "anomaly maps and segmentations")
