@@ -37,6 +37,8 @@ def test_evaluate_all_predictors_of_a_vae(run, tmp_path):
     for name in VAE_PREDICTORS:
         assert (tmp_path / "e" / name / "metrics.json").exists()
         assert 0 <= summary[name]["pixel_auroc"] <= 1
+        assert 0 <= summary[name]["froc_score"] <= 1 and "froc_curve" not in summary[name]  # lesion-level too
+    assert "froc_score" in (tmp_path / "e" / "summary.md").read_text()
     report = (tmp_path / "e" / "report.html").read_text()  # the comparison: a table and maps side by side
     for name in VAE_PREDICTORS:
         assert f'href="{name}/report.html"' in report
