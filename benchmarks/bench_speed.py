@@ -27,6 +27,7 @@ torch's bf16 probe, threads and the load average before and after.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -45,6 +46,7 @@ sys.path.insert(0, str(ROOT.parent / "src"))
 
 from anomaseg import config as cfg  # noqa: E402
 from anomaseg import runtime  # noqa: E402
+from anomaseg import threads as threads_policy  # noqa: E402
 from anomaseg.atomic import write_text  # noqa: E402
 from anomaseg.data.phantom import make_phantom  # noqa: E402
 from anomaseg.models import create_model  # noqa: E402
@@ -121,13 +123,12 @@ def trainer_run(data: Path, size: int, batch: int, steps: int, precision: str, c
 
 
 def set_threads(threads: int | None) -> int:
-    """torch threads for a benchmark: --threads if given, else OMP_NUM_THREADS if set, else every CPU
-    this process may run on. (The runs of issue 13 labelled "one thread" had OMP_NUM_THREADS=1
-    overridden here and ran two threads on a machine whose other core was busy.)"""
-    if threads is None and not os.environ.get("OMP_NUM_THREADS"):
-        threads = len(runtime.usable_cpus())
-    if threads is not None:
-        torch.set_num_threads(threads)
+    """torch threads for a benchmark: --threads pins them, else anomaseg's thread policy
+    (`anomaseg.threads`: the CPUs this process may use, capped by OMP_NUM_THREADS, a cgroup quota and
+    SLURM, less those other work keeps busy; a line says so when it leaves CPUs out). (The runs of
+    issue 13 labelled "one thread" had OMP_NUM_THREADS=1 overridden here and ran two threads on a
+    machine whose other core was busy.)"""
+    threads_policy.start(threads or "auto", log=print)
     return torch.get_num_threads()
 
 
@@ -135,7 +136,8 @@ def machine_info(device: str) -> dict:
     info = {"cpu": runtime.cpu_info(), "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "torch_interop_threads": torch.get_num_interop_threads(), "device": device,
-            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+            "thread_limits": dataclasses.asdict(threads_policy.cpu_limits())}
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     try:

@@ -6,6 +6,10 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the `anomaseg` command does; set before torch loads
+# Two threads, pinned (anomaseg.threads): the count changes floating-point results, and tests that
+# compare runs must not see it move with the load of a shared machine. Tests of the adaptive policy
+# remove it (monkeypatch.delenv); spawned and forked processes inherit it.
+os.environ.setdefault("ANOMASEG_THREADS", "2")
 # Marks every process the suite starts, so the end of the run can check that none outlives it.
 os.environ["ANOMASEG_TEST_SESSION"] = f"{os.getpid()}-{os.urandom(4).hex()}"
 

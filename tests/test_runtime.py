@@ -72,29 +72,3 @@ def test_the_command_makes_idle_openmp_threads_sleep_unless_told_otherwise(prese
     code = "import sys, os, anomaseg.cli; print('torch' in sys.modules, os.environ['OMP_WAIT_POLICY'])"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", preset or "PASSIVE"]  # set before torch loads, the user's choice kept
-
-
-@pytest.mark.parametrize("threads,cpus,busy,free", [(2, 2, 1, 1), (8, 8, 3, 5), (4, 2, 5, 1)])
-def test_shared_cpu_hint_names_the_free_cpus_when_threads_would_share(threads, cpus, busy, free):
-    hint = runtime.shared_cpu_hint(threads, cpus=cpus, busy=busy)
-    assert hint is not None and f"OMP_NUM_THREADS={free}" in hint
-
-
-@pytest.mark.parametrize("threads,cpus,busy", [(2, 2, 0), (1, 2, 1), (5, 8, 3), (1, 2, 4)])
-def test_no_shared_cpu_hint_when_the_threads_fit(threads, cpus, busy):
-    assert runtime.shared_cpu_hint(threads, cpus=cpus, busy=busy) is None
-
-
-@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs Linux /proc/stat")
-def test_a_busy_process_counts_as_a_busy_cpu():
-    import subprocess
-    import sys
-    import time
-
-    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        time.sleep(0.3)  # started and spinning
-        assert runtime.busy_cpus() >= 1
-    finally:
-        hog.kill()
-        hog.wait()

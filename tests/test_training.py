@@ -96,19 +96,3 @@ def test_a_resumed_auto_run_keeps_its_compile_decision():
     assert training.resumed_compile_mode("auto", None) == "auto"
     assert training.resumed_compile_mode("off", {"compiled": True}) == "off"  # an explicit setting wins
     assert training.resumed_compile_mode(True, {"compiled": False}) is True
-
-
-def test_training_notes_cpus_shared_with_other_work(healthy_dir, tmp_path, capsys, monkeypatch):
-    from anomaseg import runtime
-
-    threads = torch.get_num_threads()
-    monkeypatch.setattr(runtime, "busy_cpus", lambda: 64)  # every CPU busy with other work
-    torch.set_num_threads(2)
-    try:
-        assert main(tiny_train_args(healthy_dir, tmp_path / "busy", 1)) == 0
-        assert "OMP_NUM_THREADS=1 gives this run the free CPUs alone" in capsys.readouterr().out
-        monkeypatch.setattr(runtime, "busy_cpus", lambda: 0)
-        assert main(tiny_train_args(healthy_dir, tmp_path / "idle", 1)) == 0
-        assert "OMP_NUM_THREADS" not in capsys.readouterr().out
-    finally:
-        torch.set_num_threads(threads)

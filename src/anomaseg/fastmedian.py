@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 
-import numba
 import numpy as np
 from numba import njit, prange
 from scipy import ndimage
@@ -158,20 +157,21 @@ def masked_median(volume: np.ndarray, size: int | tuple[int, int, int], mask: np
 
 @contextlib.contextmanager
 def threads_of_torch():
-    """Run numba's parallel kernels on PyTorch's thread count, and leave that count as it was.
+    """Run numba's parallel kernels on PyTorch's thread count (`anomaseg.threads`' policy), and
+    leave that count as it was.
 
     numba's OpenMP threading layer shares libgomp with PyTorch and sets the thread count of the
     whole process to its own (all cores) on the first parallel call: a process limited to one
     thread (OMP_NUM_THREADS=1, `--workers`) then trained its next model on two threads, 10x slower
     on a 2-core machine that other jobs share (measured in benchmarks/study_defaults.py runs)."""
-    import torch
+    from anomaseg import threads
 
-    threads = torch.get_num_threads()
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    count = threads.current()
+    threads.apply(count)  # numba is loaded here, so it gets the same count
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        threads.apply(count)
 
 
 def _bin_codes(vol: np.ndarray) -> np.ndarray:

@@ -3,8 +3,11 @@
 Scoring is independent per case, so the cases are dealt round-robin to N processes (spawned: a
 fresh interpreter each, safe with torch and numba threads); each worker runs `task(shard, report)`
 on its share and returns a picklable result, which the caller merges in a fixed order (results
-come back indexed by worker, never by arrival). The threads of the machine are divided between the
-workers. On a machine with GPUs worker i gets GPU i mod count (`worker_device`).
+come back indexed by worker, never by arrival). The threads the process may use (`anomaseg.threads`:
+a pinned --threads, else the free CPUs within the cgroup / SLURM / OMP_NUM_THREADS caps) are divided
+between the workers, and each (one process too) re-checks the busy CPUs between cases when a case
+takes more than twice the running median. On a machine with GPUs worker i gets GPU i mod count
+(`worker_device`).
 
 A worker that raises stops the whole command: the other workers are terminated before the error
 reaches the caller (so nothing writes into an output folder that is being removed), an `InputError`
@@ -16,12 +19,13 @@ out of memory) is reported with its exit code.
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import queue as queue_module
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from anomaseg import threads as threads_policy
 from anomaseg.errors import InputError
 
 POLL_S = 0.2
@@ -41,7 +45,10 @@ def shards(items: Sequence, workers: int) -> list[list]:
 
 
 def default_threads(workers: int) -> int:
-    return max(1, (os.cpu_count() or 1) // max(workers, 1))
+    """Each worker's share of the pinned thread count, or None: auto (each worker takes its share of
+    the free CPUs, `threads.start(share=workers)`)."""
+    pin = threads_policy.pinned_count()
+    return None if pin is None else max(1, pin // max(workers, 1))
 
 
 def worker_device(rank: int) -> str:
@@ -56,33 +63,27 @@ class _Report:
     """What a task calls per case: `report(case_id)` when a case starts (named in errors) and
     `report.done()` when it is finished (advances the caller's progress bar)."""
 
-    def __init__(self, rank: int, queue):
-        self.rank, self.queue, self.case = rank, queue, None
+    def __init__(self, rank: int, queue, governor: threads_policy.ThreadGovernor | None = None):
+        self.rank, self.queue, self.case, self.governor = rank, queue, None, governor
+        self._last = time.perf_counter()
 
     def __call__(self, case_id: str) -> None:
         self.case = case_id
 
     def done(self) -> None:
+        if self.governor is not None:  # between cases: adapt the thread count to the busy CPUs
+            now = time.perf_counter()
+            self.governor.step(now - self._last)
+            self._last = now
         if self.queue is not None:
             self.queue.put(("progress", self.rank, self.case))
 
 
-def _set_threads(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-    try:
-        import numba
-
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    except ImportError:  # pragma: no cover (numba is a dependency)
-        pass
-
-
-def _worker_main(rank: int, task: Callable, shard: list, args: tuple, queue, threads: int) -> None:
+def _worker_main(rank: int, task: Callable, shard: list, args: tuple, queue, threads: int | None,
+                 workers: int) -> None:
     report = _Report(rank, queue)
     try:
-        _set_threads(threads)
+        report.governor = threads_policy.start("auto" if threads is None else threads, log=None, share=workers)
         result = task(rank, shard, report, *args)
     except BaseException as exc:  # everything goes back to the parent, which decides
         path = str(exc.path) if isinstance(exc, InputError) and exc.path is not None else None
@@ -101,13 +102,14 @@ def run_sharded(task: Callable, items: Sequence, workers: int, args: tuple = (),
     workers = max(1, min(int(workers), len(items))) if items else 1
     if workers == 1:
         with tqdm(total=len(items), desc=desc, unit="case", disable=not progress) as bar:
-            report = _Report(0, None)
+            governor = threads_policy.start("auto" if threads is None else threads, log=tqdm.write)
+            report = _Report(0, None, governor)
             report.done = lambda: bar.update(1)  # type: ignore[method-assign]
             return [task(0, list(items), report, *args)]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     threads = threads or default_threads(workers)
-    procs = [ctx.Process(target=_worker_main, args=(rank, task, shard, args, queue, threads), daemon=True,
+    procs = [ctx.Process(target=_worker_main, args=(rank, task, shard, args, queue, threads, workers), daemon=True,
                          name=f"anomaseg-worker-{rank}")
              for rank, shard in enumerate(shards(items, workers))]
     results: dict[int, Any] = {}

@@ -36,7 +36,6 @@ participants.tsv copied), which `--data` reads as a BIDS root, `--select` includ
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -44,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from anomaseg import threads
 from anomaseg.atomic import atomic_dir, write_text
 from anomaseg.errors import InputError
 
@@ -232,7 +232,9 @@ def preprocess_case(images: dict[str, Path], mask: Path | None, seg: Path | None
                     ) -> tuple[dict, object, object | None, dict]:
     """Run every step on one case. Returns ({modality: image}, brain mask, labels or None, log)."""
     sitk = _sitk()
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # deterministic, and cases run in parallel
+    # one ITK thread per case: deterministic, whatever the machine; cases run in parallel instead
+    # (as many as anomaseg.threads.process_count allows)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     log: dict = {"config": asdict(config), "steps": _TimedSteps(), "inputs": {m: str(p) for m, p in images.items()}}
     t0 = time.perf_counter()
     if config.reference not in images:
@@ -381,7 +383,7 @@ def preprocess_dataset(data: str | Path, out: str | Path, config: PreprocessConf
         raise InputError(out, "--out must differ from --data (inputs are never overwritten)")
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(case,) + _outputs(case, out, bids_root, config) + (config,) for case in cases]
-    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    workers = max(1, min(workers or threads.process_count(), len(jobs)))  # anomaseg.threads' policy
     rows = []
     with tqdm(total=len(jobs), desc="preprocessing", unit="case", disable=not progress) as bar:
         if workers == 1:

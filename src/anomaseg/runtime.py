@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import platform
-import time
 from pathlib import Path
 
 import torch
@@ -97,54 +96,3 @@ def cpu_info() -> dict:
             "key_flags": key_flags, "flags_bf16": any(f in flags for f in BF16_CPU_FLAGS) if flags else None,
             "torch_bf16_probe": torch_cpu_bf16_probe(), NO_BF16_ENV: os.environ.get(NO_BF16_ENV, ""),
             "auto_precision": fabric_precision("auto", "cpu"), "flags": flags}
-
-
-def usable_cpus() -> set[int]:
-    """The CPUs this process may run on (its affinity set; all CPUs where the OS has none)."""
-    return set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
-
-
-def _cpu_times(cpus: set[int]) -> tuple[int, int] | None:
-    """(busy, total) jiffies summed over `cpus`, from /proc/stat's per-CPU lines."""
-    busy = total = 0
-    try:
-        for line in Path("/proc/stat").read_text().splitlines():
-            name, *fields = line.split()
-            if not (name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus):
-                continue
-            ticks = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
-            total += sum(ticks)
-            busy += sum(ticks) - ticks[3] - ticks[4]
-    except (OSError, ValueError, IndexError):
-        return None
-    return (busy, total) if total else None
-
-
-def busy_cpus(interval: float = 0.1) -> int | None:
-    """How many of the CPUs this process may run on other work keeps busy: their busy time over
-    `interval` seconds while this thread sleeps, in CPUs, rounded. Only the CPUs of this process's
-    affinity set count, so a container pinned to a few CPUs of a large host sees its own. None
-    where /proc/stat is unavailable (not Linux)."""
-    cpus = usable_cpus()
-    before = _cpu_times(cpus)
-    time.sleep(interval)
-    after = _cpu_times(cpus)
-    if before is None or after is None or after[1] <= before[1]:
-        return None
-    share = (after[0] - before[0]) / (after[1] - before[1])
-    return int(share * len(cpus) + 0.5)
-
-
-def shared_cpu_hint(threads: int, cpus: int | None = None, busy: int | None = None) -> str | None:
-    """A one-line hint when this process's torch threads need more CPUs than other work leaves free:
-    a thread sharing its CPU stalls the others at every operator's barrier, which made bf16
-    training 3x slower and fp32 1.1x slower on a 2-CPU machine with one CPU busy than with one thread
-    (benchmarks/bench_contention.py). None when the free CPUs suffice."""
-    cpus = cpus or len(usable_cpus())
-    busy = busy_cpus() if busy is None else busy
-    free = max(1, cpus - (busy or 0))
-    if not busy or threads <= free:
-        return None
-    return (f"note: other work keeps {min(busy, cpus)} of the {cpus} CPUs busy and torch runs {threads} threads; "
-            f"sharing CPUs slows training several-fold (bf16 most): OMP_NUM_THREADS={free} gives this run "
-            "the free CPUs alone")

@@ -362,11 +362,15 @@ class Trainer:
                      f"{0 if val_x is None else len(val_x)} slices of {len(split['val'])} held-out cases; "
                      f"precision {self.precision}" + (f"; {world} processes, {bs // world} slices each per batch"
                                                       if world > 1 else ""))
-        # CPU threads (anomaseg.threads): the free CPUs, re-checked while training one process on the
-        # CPU; a pinned count anywhere; otherwise what Lightning gave each process
-        adapt = fabric.device.type == "cpu" and world == 1
-        governor = (threads.start(c.train.threads, fabric.print if main else None, adapt=adapt)
-                    if adapt or threads.pinned_count(c.train.threads) else None)
+        # CPU threads (anomaseg.threads): the free CPUs, re-checked while one process trains on the
+        # CPU; a pinned count is shared by the processes of a machine; else what Lightning gave each
+        pin = threads.pinned_count(c.train.threads)
+        if fabric.device.type == "cpu" and world == 1:
+            governor = threads.start(c.train.threads, fabric.print)
+        elif pin is not None:
+            governor = threads.start(max(1, pin // max(1, world // c.train.num_nodes)), None)
+        else:
+            governor = None
 
         def to_batch(t):  # float16 slices travel as they are stored; one conversion, on the device
             return fabric.to_device(t).to(torch.float32, memory_format=self.memory_format)
