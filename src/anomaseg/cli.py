@@ -295,6 +295,28 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_bids(args) -> int:
+    from anomaseg.bids_app import GROUP, run_group, run_participant
+    from anomaseg.data.bids import BidsQuery
+
+    query = BidsQuery(tuple(args.derivatives), tuple(args.select), tuple(args.participant_label or ()),
+                      tuple(args.session_label or ()))
+    _start_threads()
+    if args.analysis_level == "participant":
+        rows = run_participant(args.bids_dir, args.output_dir, args.run, query, args.predictor, _workers(args))
+        print(f"participant level: anomaly maps and segmentations of {len(rows)} cases in {args.output_dir}")
+        return 0
+    result = run_group(args.bids_dir, args.output_dir, args.run, query, args.predictor, _workers(args))
+    group = Path(args.output_dir) / GROUP
+    print(f"group level: cohort table {group / 'cohort.tsv'}")
+    if result is None:
+        print("no lesion labels for these participants: no evaluation")
+    else:
+        print(f"evaluation on the labelled cases: {group / 'evaluation' / 'report.html'} (pixel AUPRC "
+              f"{result['pixel_auprc']:.3f}, best Dice {result['dice_best']:.3f})")
+    return 0
+
+
 def cmd_preprocess(args) -> int:
     from anomaseg.preprocess import PreprocessConfig, preprocess_dataset
 
@@ -443,6 +465,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads_option(p)
     p.add_argument("--shard", metavar="I/N", help=SHARD_HELP + "; `anomaseg merge` combines the shards' outputs")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("bids", help="the BIDS-Apps command line: score participants into a BIDS-derivatives "
+                                    "dataset, then evaluate the cohort",
+                       description="BIDS App (https://bids-apps.neuroimaging.io): `participant` scores the named "
+                                   "participants of BIDS_DIR into OUTPUT_DIR, a BIDS-derivatives dataset (participant "
+                                   "jobs may run in parallel into one OUTPUT_DIR); `group` writes OUTPUT_DIR/group: "
+                                   "cohort.tsv and, where lesion labels exist, the evaluation and its report. "
+                                   "Exit code 0 on success, 2 on bad input, 1 on other failures.")
+    p.add_argument("bids_dir", help="the BIDS dataset (read only)")
+    p.add_argument("output_dir", help="the derivatives dataset to write, e.g. BIDS_DIR/derivatives/anomaseg")
+    p.add_argument("analysis_level", choices=["participant", "group"], help="participant: score; group: cohort "
+                                                                            "table and evaluation")
+    p.add_argument("--run", required=True, help="the trained run folder (anomaseg train)")
+    p.add_argument("--participant_label", "--participant-label", nargs="+", metavar="LABEL",
+                   help="participants to analyse, without 'sub-' (default: all)")
+    p.add_argument("--session_label", "--session-label", nargs="+", metavar="LABEL",
+                   help="sessions to analyse, without 'ses-' (default: all)")
+    p.add_argument("--predictor", help="predictor name (default: the run's)")
+    p.add_argument("--workers", type=int, default=1, help=WORKERS_HELP)
+    _add_bids_options(p)
+    p.set_defaults(func=cmd_bids)
 
     p = sub.add_parser("merge", help="combine the outputs of `evaluate --shard` (array jobs) into one evaluation, "
                                      "equal to one `evaluate` over all cases")

@@ -56,9 +56,12 @@ class BidsQuery:
 
     derivatives: tuple[str, ...] = ()  # pipeline names under derivatives/ or paths; () = every pipeline
     select: tuple[str, ...] = ()  # "column=value[,value...]" conditions on participants.tsv
+    participants: tuple[str, ...] = ()  # participant labels (BIDS-Apps --participant_label); () = all
+    sessions: tuple[str, ...] = ()  # session labels (--session_label); () = all
+    labelled: bool = False  # only the cases with lesion labels
 
     def __bool__(self) -> bool:
-        return bool(self.derivatives or self.select)
+        return bool(self.derivatives or self.select or self.participants or self.sessions or self.labelled)
 
 
 def is_bids_root(path: str | Path) -> bool:
@@ -199,7 +202,16 @@ def find_bids_cases(root: str | Path, query: BidsQuery | None = None) -> list[Ca
     root = Path(root)
     query = query or BidsQuery()
     subjects = selected_subjects(root, query.select)
+    if query.participants:
+        named = {label.removeprefix("sub-") for label in query.participants}
+        unknown = sorted(n for n in named if not (root / f"sub-{n}").is_dir())
+        if unknown:
+            raise InputError(root, f"no participant {', '.join(f'sub-{n}' for n in unknown)} in this BIDS dataset")
+        subjects = named if subjects is None else subjects & named
     own = _anat_files(root, subjects)
+    if query.sessions:
+        named = {label.removeprefix("ses-") for label in query.sessions}
+        own = {cid: files for cid, files in own.items() if case_entities(cid).get("ses") in named}
     extra: dict[str, list[Path]] = {}
     for d in derivative_roots(root, query.derivatives):
         for cid, files in _anat_files(d, subjects).items():
@@ -229,8 +241,13 @@ def find_bids_cases(root: str | Path, query: BidsQuery | None = None) -> list[Ca
         refs = {m: ImageRef(files[0]) for m, files in images.items()}
         cases.append(Case(cid, refs, _one(roles.get(("lesion", space), []), "lesion label", cid),
                           _one(roles.get(("brain", space), []), "brain mask", cid), own[cid][0].parent))
+    if query.labelled:
+        cases = [c for c in cases if c.seg is not None]
     if not cases:
-        where = f" for the selected participants ({', '.join(query.select)})" if query.select else ""
+        chosen = [*query.select, *(f"sub-{p.removeprefix('sub-')}" for p in query.participants),
+                  *(f"ses-{s.removeprefix('ses-')}" for s in query.sessions)]
+        where = f" for the selected participants ({', '.join(chosen)})" if chosen else ""
+        where += " with lesion labels" if query.labelled else ""
         raise InputError(root, f"BIDS dataset has no anatomical images{where} (expected "
                                "sub-<label>/[ses-<label>/]anat/sub-<label>_[ses-<label>_]<suffix>.nii.gz)")
     return cases
@@ -270,7 +287,8 @@ def source_uri(source_root: Path, path: Path) -> str:
         return Path(path).resolve().as_uri()
 
 
-def write_description(out_root: Path, source_root: Path, description: str, extra: dict | None = None) -> None:
+def write_description(out_root: Path, source_root: Path, description: str, extra: dict | None = None,
+                      ignored: tuple[str, ...] = ("scores.json",)) -> None:
     """`dataset_description.json` of a derivatives dataset written by anomaseg."""
     from anomaseg import __version__
     from anomaseg.atomic import write_text
@@ -284,7 +302,7 @@ def write_description(out_root: Path, source_root: Path, description: str, extra
            "SourceDatasets": [{"URL": source.as_uri()}], "DatasetLinks": {"raw": link}}
     write_text(out_root / "dataset_description.json", json.dumps(doc, indent=2) + "\n")
     # our summary files beside the BIDS files: marked as not BIDS, so validators skip them
-    write_text(out_root / ".bidsignore", "scores.json\n")
+    write_text(out_root / ".bidsignore", "".join(f"{name}\n" for name in ignored))
 
 
 def write_sidecar(nifti_path: Path, fields: dict) -> None:
