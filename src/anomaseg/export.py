@@ -14,22 +14,28 @@
   (fitted on the run's held-out healthy cases), the model's hyper-parameters and where it came from.
 
 `anomaseg score --onnx model.onnx --data DATA --out MAPS` scores with ONNX Runtime (CPU) in float32;
-with the same run scored by PyTorch in float32 the maps agree within 1e-4 (tests/test_export.py).
+with the same run scored by PyTorch in float32 the maps agree within 1e-4 of the map's range
+(tests/test_export.py).
 
-Which predictors export (ONNX's standard operator sets have no automatic differentiation):
+Which predictors export (ONNX's standard operator sets have no automatic differentiation, so input
+gradients are traced into the graph as forward operators, see `trace_map`):
 - `residual` (any polarity): one forward pass and arithmetic. Exported.
 - `intensity` (the baseline): arithmetic on the input with its fitted healthy statistics. Exported.
-- `grad_elbo`, `grad_kl`, `grad_rec`, `combi`: maps are input gradients (a backward pass). Not exported.
-- `projection`: 20 gradient-descent steps on the input with per-sample step control. Not exported.
-- `ensemble`: its members are (mostly) gradient predictors, and it normalises with fitted statistics.
-  Not exported.
+- `grad_elbo` (the VAEs' default), `grad_kl`, `grad_rec`, `combi`, and `ensemble` when all its
+  members export: the backward pass of the VAE's loss is traced into the graph (convolutions,
+  transposed convolutions, the activations' derivatives), so ONNX Runtime computes the input
+  gradient without autograd. Exported.
+- `projection`: 20 gradient-descent steps on the input with per-sample step control (control flow
+  on the values of the map). Not exported.
 - `skip_ganomaly`: its map is the residual (export `residual`); its image score needs the
   discriminator's features and a healthy scaling, which the exported graph does not carry.
+An operator that has no ONNX translation stops the export with an InputError naming it.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -47,17 +53,14 @@ from anomaseg.scoring import Scorer, calibrate, vars_of
 
 METADATA_KEY = "anomaseg"
 FORMAT = "anomaseg-onnx/1"
-EXPORTABLE = ("residual", "intensity")
+EXPORTABLE = ("residual", "intensity", "grad_elbo", "grad_kl", "grad_rec", "combi", "ensemble")
 NOT_EXPORTABLE = {
-    "grad_elbo": "its map is an input gradient (needs autograd, which ONNX inference graphs lack)",
-    "grad_kl": "its map is an input gradient (needs autograd, which ONNX inference graphs lack)",
-    "grad_rec": "its map is an input gradient (needs autograd, which ONNX inference graphs lack)",
-    "combi": "it multiplies the residual by an input gradient (needs autograd)",
-    "projection": "it runs gradient descent on the input (needs autograd and per-sample step control)",
-    "ensemble": "its members are gradient predictors normalised by fitted statistics",
+    "projection": "it runs gradient descent on the input with per-sample step control (control flow on the "
+                  "map's values, which a traced graph cannot hold)",
     "skip_ganomaly": "its image score needs the discriminator's features; export 'residual' for its map",
 }
 INPUT, OUTPUT = "image", "anomaly_map"
+aten = torch.ops.aten
 
 
 class MapGraph(torch.nn.Module):
@@ -112,10 +115,7 @@ def export_onnx(run_dir: str | Path, out: str | Path, predictor: str | None = No
 
     config = load_run_config(run_dir)
     name = predictor or config.score.predictor
-    if name not in EXPORTABLE:
-        reason = NOT_EXPORTABLE.get(name, "it is not a single forward pass")
-        raise InputError(None, f"predictor {name!r} cannot be exported to ONNX: {reason}; "
-                               f"exportable: {', '.join(EXPORTABLE)}")
+    check_exportable(name, params if predictor else config.score.predictor_params)
     scorer = calibrate(run_dir, predictor, params, progress, device="cpu")
     spec = config.data.slice_spec()
     # A fresh copy, contiguous: the exporter traces this module and nothing else uses it.
@@ -143,21 +143,104 @@ def export_onnx(run_dir: str | Path, out: str | Path, predictor: str | None = No
     return meta
 
 
+def check_exportable(name: str, params: dict | None = None) -> None:
+    """InputError unless predictor `name` (an ensemble: each of its members) can be exported."""
+    if name == "ensemble":
+        from anomaseg.predictors.ensemble import DEFAULT_MEMBERS
+
+        members = (params or {}).get("members") or DEFAULT_MEMBERS
+        for m in members:
+            m = {"name": m} if isinstance(m, str) else m
+            check_exportable(m["name"], m.get("params"))
+        return
+    if name not in EXPORTABLE:
+        reason = NOT_EXPORTABLE.get(name, "it is not a forward pass (with input gradients) and arithmetic")
+        raise InputError(None, f"predictor {name!r} cannot be exported to ONNX: {reason}; "
+                               f"exportable: {', '.join(EXPORTABLE)}")
+
+
+def convolution_input_gradient(grad_output, input, weight, bias_sizes, stride, padding, dilation, transposed,
+                               output_padding, groups, output_mask):
+    """aten.convolution_backward as forward operators, for the input gradient only.
+
+    Written here because neither torch (2.13) has a decomposition of convolution_backward nor
+    ONNX (no automatic differentiation) an operator for it. The input gradient of a convolution is
+    the transposed convolution with the same weights (and vice versa); the output padding restores
+    the input's size where the stride dropped rows. The inference copy's parameters need no
+    gradient, so only the input gradient is ever asked for; anything else is left to the operator
+    itself (and its export then fails naming it)."""
+    if output_mask[1] or output_mask[2]:
+        return NotImplemented
+    n = weight.dim() - 2
+    if transposed:
+        grad = aten.convolution(grad_output, weight, None, stride, padding, dilation, False, [0] * n, groups)
+    else:
+        pad_out = [input.shape[2 + i] - ((grad_output.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
+                                         + dilation[i] * (weight.shape[2 + i] - 1) + 1) for i in range(n)]
+        grad = aten.convolution(grad_output, weight, None, stride, padding, dilation, True, pad_out, groups)
+    return grad, None, None
+
+
+def trace_map(net: torch.nn.Module, predictor, shape: tuple[int, int, int]) -> torch.fx.GraphModule:
+    """`image -> predictor.anomaly_map(net, image)` as a graph of aten operators, batch axis symbolic.
+
+    `make_fx` runs the predictor on a symbolic input, autograd included: a predictor that takes an
+    input gradient leaves its backward pass in the graph as ordinary operators (the backward of a
+    convolution through `convolution_input_gradient`), so the graph needs no autograd to run."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    # A batch size unlike every other dimension: symbolic tracing gives equal sizes one symbol.
+    batch = next(b for b in range(3, 4096) if b not in shape)
+    # _allow_non_fake_inputs: the weights stay real tensors (the graph's constants); only x is symbolic.
+    graph = make_fx(MapGraph(net, predictor).eval(), tracing_mode="symbolic", _allow_non_fake_inputs=True,
+                    decomposition_table={aten.convolution_backward.default: convolution_input_gradient})
+    return graph(torch.zeros((batch,) + tuple(shape))).eval()
+
+
+def missing_operators(exc: BaseException) -> list[str]:
+    """The operators named by the ONNX exporter's "No ONNX function found" errors in `exc`'s chain."""
+    found, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        found += re.findall(r"No ONNX function found for <OpOverload\(op='([^']+)', overload='([^']+)'", str(exc))
+        exc = exc.__cause__ or exc.__context__
+    return sorted({f"{op}.{overload}" for op, overload in found})
+
+
 def onnx_graph(net: torch.nn.Module, predictor, shape: tuple[int, int, int], opset: int = 18):
     """The ONNX ModelProto of `image -> predictor.anomaly_map(net, image)` for inputs (batch, *shape),
-    the batch axis dynamic. Uses torch's maintained (dynamo) exporter; the older TorchScript
-    exporter was seen to alter the traced module's later eager outputs (torch 2.13)."""
+    the batch axis dynamic: the graph of `trace_map`, through torch's maintained (dynamo) exporter
+    (the older TorchScript exporter was seen to alter the traced module's later eager outputs,
+    torch 2.13). An operator without ONNX translation: InputError naming it."""
     import warnings
 
-    graph = MapGraph(net, predictor).eval()
+    graph = trace_map(net, predictor, shape)
     example = torch.rand((2,) + tuple(shape))
     batch = torch.export.Dim("batch", min=1, max=4096)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # pytree deprecations inside torch.export
-        program = torch.onnx.export(graph, (example,), None, dynamo=True, input_names=[INPUT], output_names=[OUTPUT],
-                                    dynamic_shapes={"image": {0: batch}}, opset_version=opset, external_data=False,
-                                    verbose=False)
+        try:
+            program = torch.onnx.export(graph, (example,), None, dynamo=True, input_names=[INPUT],
+                                        output_names=[OUTPUT], dynamic_shapes=({0: batch},), opset_version=opset,
+                                        external_data=False, verbose=False)
+        except Exception as exc:  # the exporter wraps its errors in several types
+            ops = missing_operators(exc)
+            if not ops:
+                raise
+            name = getattr(predictor, "name", "") or type(predictor).__name__
+            raise InputError(None, f"predictor {name!r} cannot be exported to ONNX: "
+                                   + "; ".join(f"{op} {why_not_exported(op, opset)}" for op in ops)) from None
     return program.model_proto
+
+
+def why_not_exported(op: str, opset: int) -> str:
+    """Why operator `op` (as missing_operators names it) stops an export."""
+    if "backward" in op:
+        return ("is a backward (autograd) operator: ONNX has no automatic differentiation, and neither "
+                f"torch {torch.__version__}'s decompositions nor anomaseg write it out as forward operators "
+                "(anomaseg does for convolutions' input gradients only)")
+    return (f"has no ONNX translation: ONNX opset {opset} has no such operator and torch {torch.__version__}'s "
+            "exporter knows no decomposition of it into ONNX operators")
 
 
 def read_metadata(path: str | Path) -> ExportMetadata:
