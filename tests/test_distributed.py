@@ -174,6 +174,21 @@ def test_killed_multi_process_run_resumes(two_process_run, data, tmp_path):
     assert h[-1]["train_loss"] == pytest.approx(history(two)[-1]["train_loss"], rel=0.05)
 
 
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_every_process_with_a_checkpoint(two_process_run, data, tmp_path):
+    """SIGTERM to rank 0 alone, mid-epoch: the processes agree at their next check (here the end of
+    the epoch, after its checkpoint) and all exit 143; resumed with 2 processes, the same run."""
+    _, two = two_process_run
+    data_dir, cache = data
+    run = tmp_path / "run"
+    args = train_args(data_dir, run, "spatial_vae", "--devices", "2")
+    assert run_ranks(args, 2, cache, kill_at="train_step:epoch=1,step=2,rank=0,signal=TERM") == [143, 143]
+    state = load_checkpoint(RunPaths(run).last)
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 0)
+    assert run_ranks(["train", "--out", str(run), "--resume", "--devices", "2"], 2, cache) == [0, 0]
+    assert_same_run(run, two)
+
+
 @pytest.mark.parametrize("variable", ["RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"])
 def test_only_rank_zero_takes_the_run_folder_lock(monkeypatch, variable):
     from anomaseg.distributed import RANK_VARIABLES, started_by_launcher
