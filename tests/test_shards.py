@@ -83,7 +83,7 @@ def test_three_shards_merged_equal_one_evaluation(trained, tmp_path, monkeypatch
     (foreign / "shard.json").write_text(json.dumps(meta))
     assert main(["merge", str(shards[0]), str(foreign), str(shards[2]), "--out", out]) == 2
     line = _one_error_line(capsys)
-    assert line.startswith(f"anomaseg: error: {foreign}:") and "thresholds differs" in line
+    assert line.startswith(f"anomaseg: error: {foreign}:") and "thresholds differ" in line
     assert main(["merge", str(shards[0]), str(whole), "--out", out]) == 2
     assert "not the output of `evaluate --shard`" in _one_error_line(capsys)
     assert not os.path.exists(out)

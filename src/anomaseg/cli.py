@@ -351,6 +351,8 @@ def cmd_qa_fit(args) -> int:
                       ("precision", "precision")):
         if getattr(args, attr) is not None:
             values[key] = getattr(args, attr)
+    if args.unet_pool:
+        values["unet_pool"] = True
     try:
         config = QualityConfig(**merge(values, parse_set(args.set)))
     except (TypeError, ValueError) as exc:
@@ -428,7 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model on healthy cases")
     p.add_argument("--data", help="healthy training cases (folder or datalist .json)")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint; with --data, the same command starts "
+                        "the run when it has none yet (requeued jobs) and refuses another run's folder")
     _add_train_options(p)
     _add_bids_options(p)
     p.set_defaults(func=cmd_train)
@@ -528,6 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--variant", choices=["difference", "image", "both", "all"],
                    help="REG-Net input: difference image (the paper, default), image (Robinson et al.), both, all")
     q.add_argument("--pool-size", type=int, help="candidates per case, completed by perturbations (default 24)")
+    q.add_argument("--unet-pool", action="store_true",
+                   help="add segmentations of small supervised U-Nets, cross-fitted on the labelled cases, to the pool "
+                        "(up to half of it; written to OUT/unet_candidates)")
     q.add_argument("--epochs", type=int, help="epochs of REC-Net and of REG-Net (default 20)")
     q.add_argument("--batch-size", type=int)
     q.add_argument("--image-size", type=int, help="slice size, a power of two >= 32 (default 64)")

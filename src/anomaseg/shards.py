@@ -27,9 +27,10 @@ SHARD_META = "shard.json"
 SHARD_STATE = "shard_state.pkl"
 FORMAT = 1
 # What shards of one evaluation must share (besides the shard count); each is named when it differs.
-SAME = (("run", "run"), ("checkpoint", "checkpoint (weights)"), ("data", "data"),
-        ("cases_digest", "case list"), ("predictors", "predictors"), ("thresholds", "thresholds"),
-        ("baseline", "baseline option"), ("qa", "QA model"))
+SAME = (("run", "its run differs"), ("checkpoint", "its checkpoint (weights) differs"), ("data", "its data differs"),
+        ("cases_digest", "its case list differs"), ("predictors", "its predictors differ"),
+        ("thresholds", "its thresholds differ"), ("baseline", "its baseline option differs"),
+        ("qa", "its QA model differs"))
 
 
 def parse_shard(text: str, environ=None) -> tuple[int, int]:
@@ -144,7 +145,7 @@ def check_complete(folders: list[Path], metas: list[dict]) -> None:
             if meta.get(key) != ref.get(key):
                 detail = (f": {meta.get(key)} vs {ref.get(key)}" if key in ("run", "data", "thresholds", "qa")
                           else "")
-                raise InputError(folder, f"a shard of another evaluation than {first}: its {what} differs{detail}")
+                raise InputError(folder, f"a shard of another evaluation than {first}: {what}{detail}")
         if meta["shard"][1] != ref["shard"][1]:
             raise InputError(folder, f"is shard {meta['shard'][0]}/{meta['shard'][1]}, but {first} is one of "
                                      f"{ref['shard'][1]} shards")

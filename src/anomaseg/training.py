@@ -23,6 +23,11 @@ calibration as an uninterrupted run of the same seed, bit for bit on the CPU in 
 - checkpoints are written under a temporary name and renamed; the replaced last.pt is kept as
   last.prev.pt and resume falls back to it if last.pt is damaged (`run.load_resume_checkpoint`).
 
+Stopped on request: SIGTERM and SIGUSR1 (a scheduler's preemption or time-limit warning) write a
+mid-epoch checkpoint at the next step boundary and raise `errors.Stopped` (`StopSignals`); the CLI
+exits 128 + the signal's number. `--resume` with no checkpoint starts the run, so a requeued job
+repeats one command.
+
 Not bit for bit: a run whose CPU thread count differs or changes (reductions split differently):
 `train.threads: auto` lowers and raises it with other work on the machine, so runs that must match
 pin it (`--threads N`, kept on resume; the count used is in each history record);
