@@ -5,8 +5,8 @@ post-processing of a 1 mm volume, ONNX Runtime vs PyTorch, and volumes per minut
 
 Set-up (under benchmarks/results/work/inference/, reused when present): phantoms at 1 mm (MNI152
 1 mm grid, 197 x 233 x 189) and 2 mm, each with a spatial VAE run of the default configuration
-(128 px, FLAIR, `--precision auto`) trained for a few steps (speed does not depend on the weights)
-and without the case cache (`data.cache_dir: null`), so that end-to-end scoring really reads NIfTI.
+(default image size, FLAIR, `--precision auto`) trained for a few steps (speed does not depend on
+the weights) and without the case cache (`data.cache_dir: null`), so that end-to-end scoring really reads NIfTI.
 
 Measured, each configuration interleaved with the others and repeated (medians reported):
 1. slices/s of the residual map on the slices of 1 mm test cases: "before" = the scoring loop of
@@ -23,11 +23,23 @@ Measured, each configuration interleaved with the others and repeated (medians r
    PYTHONPATH), this tree with 1 and 2 workers, and `score --onnx`. One warm-up run each first
    (numba's compile cache, file cache).
 Results: benchmarks/results/inference.json (+ .md), with CPU model, flags and load averages.
+
+    python benchmarks/bench_inference.py --default-map [--repeats 3]
+
+measures only the default map (`grad_elbo`, whose backward pass `anomaseg export` writes into the
+ONNX graph): seconds per 1 mm volume (the kept axial slices of each 1 mm test case, default size) of
+the PyTorch Scorer (the run's precision and fp32) and of ONNX Runtime (`score --onnx`'s
+OnnxScorer, fp32) on the run of the set-up above, exported with no option, and the largest
+|map - PyTorch fp32 map| and |map - float64 map| per case as a fraction of the reference map's
+range (the float64 map: the trained model in float64, showing float32's own error). `--run RUN
+--test DIR` measures another run (e.g. `anomaseg demo`'s) instead. Results:
+benchmarks/results/inference_default_map.json (+ .md).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -181,6 +193,65 @@ def bench_slices(run: Path, test: Path, onnx_file: Path, repeats: int, n_cases: 
     }
 
 
+def bench_default_map(run: Path, test: Path, onnx_file: Path, repeats: int, n_cases: int) -> dict:
+    """Seconds per 1 mm volume of the run's default map: PyTorch (run's precision, fp32) vs ONNX Runtime."""
+    from anomaseg.export import OnnxScorer, read_metadata
+
+    config = load_run_config(run)
+    prepared = prepare_cases(find_cases(test, config.data.modalities)[:n_cases], config.data.slice_spec(), None,
+                             progress=False)
+    base = calibrate(run, progress=False, device="cpu")
+    scorers = {f"pytorch_{p}": Scorer(base.model, base.predictor, base.post, device="cpu", precision=p)
+               for p in (config.train.precision, "32")}
+    scorers["onnxruntime_32"] = OnnxScorer(onnx_file)
+
+    def maps(scorer):
+        return [scorer.predict_slices(c)[0][c.keep] for c in prepared]
+
+    outputs = {name: maps(s) for name, s in scorers.items()}  # warm-up (and the maps to compare)
+    times: dict[str, list[float]] = {name: [] for name in scorers}
+    for _ in range(repeats):
+        for name, s in scorers.items():
+            t = time.perf_counter()
+            maps(s)
+            times[name].append(time.perf_counter() - t)
+    per_volume = {name: statistics.median(ts) / len(prepared) for name, ts in times.items()}
+    def rel_diff(ref):  # per path: the largest |map - ref| of a case over that case's ref range
+        return {name: max(float(np.abs(m - r).max() / (r.max() - r.min())) for m, r in zip(out, ref))
+                for name, out in outputs.items()}
+
+    model64 = copy.deepcopy(base.model).double().eval()  # how far float32 itself is from the map
+    with torch.no_grad():
+        exact = [np.concatenate([base.predictor.anomaly_map(model64, torch.from_numpy(c.images[c.keep][i:i + 64])
+                                                            .double())[:, 0].float().numpy()
+                                 for i in range(0, int(c.keep.sum()), 64)]) for c in prepared]
+    return {"predictor": base.predictor.name, "params": base.predictor.get_params(),
+            "exported_predictor": read_metadata(onnx_file).predictor, "run_precision": config.train.precision,
+            "cases": [c.case_id for c in prepared], "slices_per_volume": [int(c.keep.sum()) for c in prepared],
+            "image_size": int(prepared[0].images.shape[-1]), "channels": int(prepared[0].images.shape[1]),
+            "batch": {name: s.batch_size for name, s in scorers.items()}, "seconds": times,
+            "seconds_per_volume": per_volume,
+            "onnx_vs_pytorch_32": per_volume["pytorch_32"] / per_volume["onnxruntime_32"],
+            "max_abs_diff_over_range_vs_pytorch_32": rel_diff(outputs["pytorch_32"]),
+            "max_abs_diff_over_range_vs_float64": rel_diff(exact)}
+
+
+def default_map_markdown(r: dict) -> str:
+    d = r["default_map"]
+    sv, rel, rel64 = (d["seconds_per_volume"], d["max_abs_diff_over_range_vs_pytorch_32"],
+                      d["max_abs_diff_over_range_vs_float64"])
+    rows = [f"| {name} | {sv[name]:.2f} | {sv['pytorch_32'] / sv[name]:.2f}x | {d['batch'][name]} | {rel[name]:.1e} | "
+            f"{rel64[name]:.1e} |" for name in sv]
+    return "\n".join([
+        f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, bf16 flags: "
+        f"{', '.join(r['machine']['bf16_flags']) or 'none'}, torch threads {r['machine']['torch_threads']}; "
+        f"load average {r['load_start']} at start, {r['load_end']} at the end.", "",
+        f"Default map ({d['predictor']}, {d['params']}), {len(d['cases'])} cases, "
+        f"{sum(d['slices_per_volume']) / len(d['cases']):.0f} slices per volume at {d['image_size']} px:", "",
+        "| path | s per volume | speed vs PyTorch fp32 | batch | max abs diff / map range, vs PyTorch fp32 | "
+        "vs PyTorch float64 |", "|---|---|---|---|---|---|", *rows]) + "\n"
+
+
 # ------------------------------------------------------------------------------ 2. post-processing
 def before_smooth_segment(post: PostProcessor, amap: np.ndarray, brain: np.ndarray, threshold: float):
     """PostProcessor.smooth + segment as in the `--before` commit."""
@@ -288,9 +359,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--before", default=BEFORE_DEFAULT, help="commit whose code is 'before'")
     parser.add_argument("--quick", action="store_true", help="fewer cases and repeats (a smoke test)")
-    parser.add_argument("--out", default=str(ROOT / "results" / "inference.json"))
+    parser.add_argument("--default-map", action="store_true",
+                        help="only the default map (grad_elbo): PyTorch vs ONNX Runtime per 1 mm volume")
+    parser.add_argument("--run", help="with --default-map: this run (e.g. `anomaseg demo`'s OUT/run) "
+                                      "instead of the set-up's")
+    parser.add_argument("--test", help="with --run: its test cases (e.g. OUT/phantom/test)")
+    parser.add_argument("--cases", type=int, default=2, help="with --default-map: test cases measured")
+    parser.add_argument("--out", default=None, help="results JSON (default: benchmarks/results/inference.json, "
+                                                    "or inference_default_map.json with --default-map)")
     args = parser.parse_args()
     repeats = 1 if args.quick else args.repeats
+    default_out = "inference_default_map.json" if args.default_map else "inference.json"
+    args.out = args.out or str(ROOT / "results" / default_out)
     global WORK
     if args.quick:
         WORK = WORK.with_name("inference_quick")
@@ -298,14 +378,36 @@ def main() -> None:
     result = {"command": "python benchmarks/bench_inference.py " + " ".join(sys.argv[1:]),
               "machine": machine(), "load_start": load(), "before": args.before}
     t0 = time.perf_counter()
+    if args.default_map:
+        result.pop("before")
+        if args.run:
+            test1, run1 = Path(args.test), Path(args.run)
+            onnx_file = WORK / f"model_{run1.resolve().parent.name}_default.onnx"
+            onnx_file.unlink(missing_ok=True)
+        else:
+            test1, run1 = prepare(1, 3, 4, 5)  # the set-up of the full benchmark, shared with it
+            onnx_file = WORK / "model_1mm_default.onnx"
+        if not onnx_file.exists():
+            cli("export", "--run", str(run1), "--out", str(onnx_file))  # no option: the run's default map
+        result["setup_s"] = time.perf_counter() - t0
+        result["uptime_start"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+        result["default_map"] = bench_default_map(run1, test1, onnx_file, repeats, args.cases)
+        result["load_end"] = load()
+        result["uptime_end"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+        result["total_s"] = time.perf_counter() - t0
+        write_text(args.out, json.dumps(result, indent=1))
+        table = default_map_markdown(result)
+        write_text(Path(args.out).with_suffix(".md"), table)
+        print(table)
+        return
     test1, run1 = prepare(1, 3, 2 if args.quick else 4, 5)
     test2, run2 = prepare(2, 4, 3 if args.quick else 8, 5)
     before_src = before_source(args.before)
     onnx_files = {}
     for res, run in (("1mm", run1), ("2mm", run2)):
-        onnx_files[res] = WORK / f"model_{res}.onnx"
+        onnx_files[res] = WORK / f"model_{res}_residual.onnx"
         if not onnx_files[res].exists():
-            cli("export", "--run", str(run), "--out", str(onnx_files[res]))
+            cli("export", "--run", str(run), "--out", str(onnx_files[res]), "--predictor", "residual")
     result["setup_s"] = time.perf_counter() - t0
     print(f"set-up done in {result['setup_s']:.0f} s; load {load()}")
     result["slices"] = bench_slices(run1, test1, onnx_files["1mm"], repeats, 1 if args.quick else 2)
