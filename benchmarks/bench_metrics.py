@@ -95,7 +95,9 @@ def main() -> None:
     from sklearn import __version__ as sklearn_version
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    torch.set_num_threads(os.cpu_count() or 1)  # VoxelMetrics uses numpy; set for a fair machine state
+    from anomaseg import threads
+
+    threads.start(log=print)  # VoxelMetrics uses numpy; torch gets anomaseg's thread policy, as the commands
 
     print(f"generating {n:.3g} voxels in chunks of {chunk:.3g} ...", flush=True)
     chunks = make_data(n, chunk, args.seed)

@@ -279,3 +279,16 @@ def test_preprocess_runs_as_many_cases_at_once_as_the_cap_allows(monkeypatch):
     assert threads.process_count() == 3  # the cap: busy CPUs are not subtracted for single-threaded cases
     with threads.pinned(1):
         assert threads.process_count() == 1
+
+
+def test_training_lowers_its_threads_when_a_neighbour_comes_and_logs_it_once(healthy_dir, tmp_path, auto,
+                                                                             monkeypatch, capsys):
+    readings = iter([0])  # free at the start, then every CPU busy
+    monkeypatch.setattr(threads, "busy_cpus", lambda interval=0.1: next(readings, 64))
+    monkeypatch.setattr(threads, "CHECK_EVERY_S", 0.0)  # a periodic check at every step
+    monkeypatch.setattr(threads, "cpu_limits", lambda: threads.CpuLimits(affinity=2))
+    assert main(tiny_train_args(healthy_dir, tmp_path / "run", 2)) == 0
+    out = capsys.readouterr().out
+    assert out.count("threads: 2 -> 1 (other work keeps 64 of the 2 CPUs busy") == 1
+    history = json.loads(RunPaths(tmp_path / "run").history.read_text())
+    assert [(h["threads"], h.get("threads_at_start")) for h in history] == [(1, 2), (1, None)]

@@ -250,10 +250,11 @@ class ThreadGovernor:
     A pinned governor never changes anything."""
 
     def __init__(self, threads: int, cap: int, cpus: int, pinned: bool = False, log: Callable[[str], None] = print,
-                 measure: Callable[[], int | None] = busy_cpus, clock: Callable[[], float] = time.monotonic,
-                 check_every_s: float = CHECK_EVERY_S):
+                 measure: Callable[[], int | None] | None = None, clock: Callable[[], float] = time.monotonic,
+                 check_every_s: float | None = None):
         self.threads, self.cap, self.cpus, self.pinned = threads, cap, cpus, pinned
-        self.log, self.measure, self.clock, self.check_every_s = log, measure, clock, check_every_s
+        self.log, self.measure, self.clock = log, measure or (lambda: busy_cpus()), clock
+        self.check_every_s = CHECK_EVERY_S if check_every_s is None else check_every_s
         self.times: deque[float] = deque(maxlen=WINDOW)
         self.last_check = self.last_slow_check = clock()
         self.steps = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -16,8 +17,8 @@ VAE_PREDICTORS = {"residual", "projection", "grad_elbo", "grad_kl", "grad_rec", 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is faster than two busy ones
+    old, pinned = torch.get_num_threads(), os.environ.get("ANOMASEG_THREADS")
+    os.environ["ANOMASEG_THREADS"] = "1"  # tiny models: one thread is faster than two busy ones (anomaseg.threads)
     root = tmp_path_factory.mktemp("cli")
     healthy = write_dataset(root / "healthy", 5, lesioned=False, seed=1)
     lesioned = write_dataset(root / "lesioned", 2, lesioned=True, seed=2)
@@ -25,6 +26,10 @@ def run(tmp_path_factory):
     assert main(["train", "--data", str(healthy), "--out", str(out), "--epochs", "2", "--image-size", "32",
                  "--batch-size", "16", "--set", TINY, "--set", "data.cache_dir=null"]) == 0
     yield out, lesioned
+    if pinned is None:
+        os.environ.pop("ANOMASEG_THREADS")
+    else:
+        os.environ["ANOMASEG_THREADS"] = pinned
     torch.set_num_threads(old)
 
 
