@@ -371,6 +371,23 @@ def _versus_baseline_html(metrics: dict, baseline: dict, keys: list[str]) -> str
     return f'<table><tr><th class="key">method</th>{head}</tr>{body}</table>'
 
 
+def _qa_calibration_html(per_case: list[dict]) -> list[str]:
+    """With `--qa`: the QA model's predicted Dice of each case against its true Dice."""
+    rows = [r for r in per_case if all(_is_number(r.get(k)) and math.isfinite(r[k]) for k in ("dice", "predicted_dice"))]
+    if not rows:
+        return []
+    import matplotlib.pyplot as plt
+
+    from anomaseg.quality.calibration import calibration_figure
+
+    fig = calibration_figure([r["dice"] for r in rows], {"QA": [r["predicted_dice"] for r in rows]})
+    uri = png_data_uri(fig)
+    plt.close(fig)
+    return ["<h2>Quality assessment: predicted against true Dice</h2>", _img(uri, "predicted against true Dice"),
+            '<p class="note">Each case\'s Dice as the QA model (<code>--qa</code>) predicted it without the ground '
+            "truth, against its true Dice; on the dashed line the prediction is exact.</p>"]
+
+
 def write_report(
     path,
     metrics: dict,
@@ -430,6 +447,7 @@ def write_report(
                      "false positives per case.</p>"]
     if viewers:
         sections += [f"<h2>Slice viewer ({len(viewers)} cases)</h2>", report_viewer.viewers_html(viewers)]
+    sections += _qa_calibration_html(per_case)
     sections += [
         f"<h2>Per case ({len(per_case)})</h2>",
         _per_case_html(per_case),

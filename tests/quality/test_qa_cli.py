@@ -68,6 +68,11 @@ def test_fitted_folder(qa_model):
     assert list((qa_model / "rec" / "samples").glob("*.png"))  # REC-Net shows its reconstructions
     # REG-Net was trained with its default flips / rotations (so the ranking test below covers them)
     assert QualityAssessor.load(qa_model).regs["difference"].augment
+    # the predicted Dice is recalibrated on the validation subject's 8 candidates (calibration.json)
+    calibration = json.loads((qa_model / "calibration.json").read_text())
+    assert calibration["fitted_on"]["cases"] == meta["split"]["val"]
+    fitted = calibration["variants"]["difference"]
+    assert fitted["method"] == "isotonic" and fitted["n"] == 8 and fitted["y"] == sorted(fitted["y"])
 
 
 def test_good_segmentation_ranks_above_a_bad_one(qa_model, tmp_path):
@@ -161,7 +166,8 @@ def test_evaluate_and_score_add_predicted_dice(qa_model, healthy_dir, lesioned_d
     for row in metrics["per_case"]:
         keys = list(row)
         assert keys[keys.index("dice") + 1] == "predicted_dice" and 0 <= row["predicted_dice"] <= 1
-    assert "predicted_dice" in (ev / "report.html").read_text()
+    html = (ev / "report.html").read_text()
+    assert "predicted_dice" in html and "predicted against true Dice" in html  # the calibration plot
     maps = tmp_path / "maps"
     assert main(["score", "--run", str(run), "--data", str(lesioned_dir), "--out", str(maps), "--qa", str(qa_model)]) == 0
     scores = json.loads((maps / "scores.json").read_text())

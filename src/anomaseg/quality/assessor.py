@@ -10,6 +10,10 @@ case from the case's images alone: it strips the case's ground truth before read
     QA/qa.json         configuration, variants, split and pool summary (written last: a QA folder
                        without it is an unfinished fit, continued with --resume)
     QA/pool.json       every candidate of the pool: case, source, true Dice, split
+    QA/calibration.json  each variant's recalibration of the predicted Dice, fitted on the validation
+                       subjects' pool (`calibration.py`); applied by `QualityAssessor.predict`
+    QA/unet_candidates/<source>/<case>_segmentation.nii.gz  with `unet_pool`: the cross-fitted U-Nets'
+                       candidates (`segmenters.py`), a balanced subset of which joined the pool
     QA/rec/            REC-Net run folder (config.yaml, checkpoints/{last,best}.pt, history.json, samples/)
     QA/reg_<variant>/  REG-Net run folder of each variant
 """
@@ -34,6 +38,8 @@ from anomaseg.data.layout import find_cases
 from anomaseg.data.slices import CaseCache, PreparedCase, SliceSpec
 from anomaseg.errors import InputError
 from anomaseg.metrics import dice_score
+from anomaseg.quality.calibration import METHODS as CALIBRATION_METHODS
+from anomaseg.quality.calibration import DiceCalibration, load_calibrations, save_calibrations
 from anomaseg.quality.candidates import Candidate, check_candidates, find_candidates
 from anomaseg.quality.networks import VARIANTS, QualityPipeline, create_network, network_from_checkpoint, volume_dice
 from anomaseg.quality.pool import fill_pool
@@ -66,6 +72,8 @@ class QualityConfig:
     max_steps_per_epoch: int | None = None
     compile: str = "auto"  # torch.compile of the training step (train.compile: auto | on | off)
     cache_dir: str | None = "default"
+    calibration: str = "isotonic"  # recalibration of the predicted Dice on the validation pool: isotonic | linear | none
+    unet_pool: bool = False  # add cross-fitted U-Nets' segmentations to the pool (segmenters.py), up to half of it
 
     def __post_init__(self):
         self.spec()  # validates image size and modalities
@@ -74,6 +82,8 @@ class QualityConfig:
             raise ValueError(f"variants must be among {', '.join(VARIANTS)}, got {self.variants}")
         if self.pool_size < 0:
             raise ValueError(f"pool_size must be >= 0, got {self.pool_size}")
+        if self.calibration not in CALIBRATION_METHODS:
+            raise ValueError(f"calibration must be one of {', '.join(CALIBRATION_METHODS)}, got {self.calibration!r}")
 
     def spec(self) -> SliceSpec:
         return SliceSpec(tuple(self.modalities), int(self.image_size))
@@ -122,6 +132,7 @@ class _Pool:
     rec: dict = field(default_factory=lambda: {"train": [], "val": []})
     reg: dict = field(default_factory=lambda: {"train": [], "val": []})
     records: list = field(default_factory=list)
+    val_cases: list = field(default_factory=list)  # (prepared case, [(segmentation, true Dice)]) of validation subjects
 
 
 def _build_pool(cases: list[Case], given: dict[str, list[Candidate]], split: dict, config: QualityConfig,
@@ -141,6 +152,8 @@ def _build_pool(cases: list[Case], given: dict[str, list[Candidate]], split: dic
             for kind, seg, d in fill_pool(prepared.truth, prepared.brain, dices, config.pool_size, rng, image):
                 segs.append((f"perturbation:{kind}", seg))
                 dices.append(d)
+            if name == "val":
+                pool.val_cases.append((prepared, [(seg, d) for (_, seg), d in zip(segs, dices)]))
             for (source, seg), d in zip(segs, dices):
                 pool.reg[name].append(reg_samples(prepared, seg))
                 pool.records.append({"case_id": case.case_id, "source": source, "dice": d, "split": name,
@@ -191,6 +204,7 @@ def fit_quality(data: str | Path, out: str | Path, config: QualityConfig | None 
     train_ids, val_ids = split_cases(ids, config.val_fraction, config.seed)
     split = {"train": train_ids, "val": val_ids}
 
+    unets = _unet_pool(cases, config, given, progress) if config.unet_pool else {}
     pool = _build_pool(cases, given, split, config, progress)
     reg_train, reg_val = _stack(pool.reg["train"]), _stack(pool.reg["val"])
     if not pool.records or reg_train is None:
@@ -198,6 +212,12 @@ def fit_quality(data: str | Path, out: str | Path, config: QualityConfig | None 
                          "the candidate pool is empty: no candidate segmentation matches a training case and "
                          "pool_size adds no perturbations")
     out.mkdir(parents=True, exist_ok=True)
+    if unets:
+        from anomaseg.quality.segmenters import write_candidates
+
+        cache = config.cache()
+        refs = {c.case_id: load_volume(cache.get(c, config.spec()).reference, header_only=True) for c in cases}
+        write_candidates(unets, refs, out / "unet_candidates")
     write_text(out / POOL_FILE, json.dumps({"config": dataclasses.asdict(config), "split": split,
                                             "candidates": pool.records}, indent=1))
 
@@ -214,6 +234,16 @@ def fit_quality(data: str | Path, out: str | Path, config: QualityConfig | None 
         x_channels = 2 * channels if variant == "both" else channels
         _NetworkTrainer(config.run_config("reg_net", config.reg_params, config.reg_epochs, data), reg_dir, rows,
                         x_channels, progress).fit(resume=(reg_dir / "checkpoints" / "last.pt").exists())
+    regs = {v: network_from_checkpoint(load_checkpoint(scoring_checkpoint(out / f"reg_{v}"))) for v in config.variants}
+    raw = QualityAssessor(config, rec, regs, out, calibrations={})
+    calibrations, fitted_on = {}, {"split": "val", "cases": [p.case_id for p, _ in pool.val_cases]}
+    for variant in config.variants:
+        predicted = [raw.predict(p, seg, variant) for p, segs in pool.val_cases for seg, _ in segs]
+        true = [d for _, segs in pool.val_cases for _, d in segs]
+        calibrations[variant] = DiceCalibration.fit(predicted, true, config.calibration)
+        fitted_on[variant] = {"candidates": len(true), "mean_true": float(np.mean(true)) if true else None,
+                              "mean_predicted": float(np.mean(predicted)) if predicted else None}
+    save_calibrations(out, calibrations, fitted_on)
     dices = np.array([r["dice"] for r in pool.records])
     summary = {"version": FORMAT_VERSION, "config": dataclasses.asdict(config), "variants": list(config.variants),
                "split": split, "data": str(Path(data).resolve()),
@@ -222,6 +252,21 @@ def fit_quality(data: str | Path, out: str | Path, config: QualityConfig | None 
                         "dice_histogram": np.histogram(dices, bins=10, range=(0, 1))[0].tolist()}}
     write_text(out / QA_FILE, json.dumps(summary, indent=1))
     return QualityAssessor.load(out)
+
+
+def _unet_pool(cases: list[Case], config: QualityConfig, given: dict, progress: bool) -> dict:
+    """Cross-fitted U-Net candidates of every case (`segmenters.unet_candidates`); a subset of each
+    case's, balanced over Dice and up to half the pool, joins `given` (source `unet:<net>_p<threshold>`)."""
+    from anomaseg.quality.segmenters import balanced_candidates, unet_candidates
+
+    cache, spec = config.cache(), config.spec()
+    prepared = [cache.get(c, spec) for c in cases]
+    found = unet_candidates(prepared, folds=2, seed=config.seed, progress=progress)
+    for p in prepared:
+        rng = _case_rng(config.seed + 1, p.case_id)
+        for source, seg, _ in balanced_candidates(p.truth, found[p.case_id], config.pool_size // 2, rng):
+            given[p.case_id].append(Candidate(p.case_id, f"unet:{source}", array=seg))
+    return found
 
 
 def stored_config(folder: Path) -> QualityConfig:
@@ -236,8 +281,10 @@ def stored_config(folder: Path) -> QualityConfig:
 class QualityAssessor:
     """A fitted QA model: predicts the Dice of a segmentation of a case, without its ground truth."""
 
-    def __init__(self, config: QualityConfig, rec, regs: dict, folder: Path | None = None, meta: dict | None = None):
+    def __init__(self, config: QualityConfig, rec, regs: dict, folder: Path | None = None, meta: dict | None = None,
+                 calibrations: dict[str, DiceCalibration] | None = None):
         self.config, self.rec, self.regs, self.folder, self.meta = config, rec, regs, folder, meta or {}
+        self.calibrations = calibrations or {}  # variant -> recalibration; none: predictions uncalibrated
         self.default_variant = next(iter(regs))
 
     @classmethod
@@ -255,7 +302,7 @@ class QualityAssessor:
         rec = network_from_checkpoint(load_checkpoint(scoring_checkpoint(folder / "rec")))
         regs = {v: network_from_checkpoint(load_checkpoint(scoring_checkpoint(folder / f"reg_{v}")))
                 for v in meta["variants"]}
-        return cls(config, rec, regs, folder, meta)
+        return cls(config, rec, regs, folder, meta, load_calibrations(folder))
 
     def pipeline(self, variant: str | None = None) -> QualityPipeline:
         variant = variant or self.default_variant
@@ -279,11 +326,18 @@ class QualityAssessor:
         s = torch.from_numpy(soft_slices(prepared, seg)[z, None])
         return image, s, torch.from_numpy(areas[z]).float(), outside
 
+    def calibration(self, variant: str | None = None) -> DiceCalibration:
+        """The variant's recalibration (the identity for a QA folder fitted without one)."""
+        return self.calibrations.get(variant or self.default_variant, DiceCalibration())
+
     @torch.no_grad()
-    def predict(self, prepared: PreparedCase, seg: np.ndarray, variant: str | None = None) -> float:
-        """Predicted Dice of `seg` (bool, the case's RAS+ grid) against the case's unknown ground truth."""
+    def predict(self, prepared: PreparedCase, seg: np.ndarray, variant: str | None = None,
+                calibrated: bool = True) -> float:
+        """Predicted Dice of `seg` (bool, the case's RAS+ grid) against the case's unknown ground truth;
+        recalibrated (QA/calibration.json) unless `calibrated` is False."""
         image, s, areas, outside = self.case_inputs(prepared, seg)
-        return float(volume_dice(self.pipeline(variant)(image, s), areas, outside))
+        raw = float(volume_dice(self.pipeline(variant)(image, s), areas, outside))
+        return float(self.calibration(variant)(raw)) if calibrated else raw
 
     def predict_case(self, case: Case, seg: np.ndarray, variant: str | None = None) -> float:
         return self.predict(self.prepare(case), seg, variant)
