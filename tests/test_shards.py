@@ -40,6 +40,36 @@ def test_shard_parsing_and_split():
         select(cases, (5, 6))
 
 
+def test_shard_state_keeps_every_field_and_runs_no_code(tmp_path):
+    """The state travels whole (also fields a tally gains later), and a state that would call a
+    function when read is refused, naming the file."""
+    import os
+    import pickle
+
+    import numpy as np
+
+    from anomaseg.evaluation import PredictorTally
+    from anomaseg.shards import SHARD_STATE, read_state, write_state
+
+    tally = PredictorTally("residual", 0.5, {"polarity": "bright"})
+    tally.voxels.update(np.linspace(0, 1, 50, dtype=np.float32), np.arange(50) % 7 == 0)
+    tally.future_counts = np.arange(5, dtype=np.int64)  # a field added after this module was written
+    write_state(tmp_path, {"format": 1}, {"residual": tally}, [])
+    _, tallies, _ = read_state(tmp_path)
+    back = tallies["residual"]
+    assert back.params == {"polarity": "bright"} and np.array_equal(back.future_counts, np.arange(5))
+    assert back.voxels.compute() == tally.voxels.compute()
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    (tmp_path / SHARD_STATE).write_bytes(pickle.dumps({"tallies": Payload(), "side_by_side": []}))
+    with pytest.raises(InputError, match="system is not allowed") as err:
+        read_state(tmp_path)
+    assert str(tmp_path / SHARD_STATE) in str(err.value)
+
+
 def _one_error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
