@@ -212,7 +212,7 @@ def policy_benchmark(args) -> None:
 
     limits = threads.cpu_limits(child_env())
     work = Path(tempfile.mkdtemp(prefix="bench_contention_"))
-    quota = CpuQuota(1.0) if not args.no_quota else None
+    quota = CpuQuota(1.0) if not args.no_quota and "quota_1_cpu" in args.scenarios else None
     samples: dict[str, list[dict]] = {}
     load_before = os.getloadavg()
     try:
@@ -222,9 +222,9 @@ def policy_benchmark(args) -> None:
         run = work / "scored_run"  # the model scoring uses (trained once, not timed)
         assert anomaseg(["train", "--data", str(phantom / "train"), "--out", str(run), "--epochs", "1",
                          "--image-size", str(args.size), "--set", f"train.max_steps_per_epoch={args.steps}"]) == 0
-        scenarios = ["idle", "busy_python", "memory_numpy"]
+        scenarios = [s for s in args.scenarios.split(",") if s != "quota_1_cpu" or (quota and quota.folder)]
         for r in range(args.repeats):
-            for scenario in scenarios + ["neighbour_mid_run"] + (["quota_1_cpu"] if quota and quota.folder else []):
+            for scenario in scenarios:
                 jobs = workloads(args, scenario, phantom, run, work, limits.cap, quota)
                 for name, job in jobs:
                     hog = start_neighbour(scenario) if scenario in NEIGHBOURS else None
@@ -381,6 +381,7 @@ def sweep(args) -> None:
 
 
 DEFAULT_OUT = str(ROOT / "results" / "contention_policy.json")
+SCENARIOS = ("idle", "busy_python", "memory_numpy", "neighbour_mid_run", "quota_1_cpu")
 
 
 def main() -> None:
@@ -392,11 +393,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="training steps per epoch (default 30)")
     ap.add_argument("--healthy", type=int, default=10, help="phantom training cases (default 10)")
     ap.add_argument("--cases", type=int, default=4, help="cases scored and preprocessed per run (default 4)")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated subset of {','.join(SCENARIOS)}")
     ap.add_argument("--no-quota", action="store_true", help="skip the cgroup quota scenario")
     ap.add_argument("--sweep", action="store_true", help="the earlier fixed-thread experiment instead")
     ap.add_argument("--sweep-steps", type=int, default=12)
     ap.add_argument("--out", default=DEFAULT_OUT)
     args = ap.parse_args()
+    unknown = set(args.scenarios.split(",")) - set(SCENARIOS)
+    if unknown:
+        ap.error(f"unknown scenarios {sorted(unknown)}; known: {', '.join(SCENARIOS)}")
     if args.quick:
         args.repeats, args.size, args.epochs, args.steps, args.healthy, args.cases = 1, 32, 2, 4, 4, 2
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))  # finally blocks stop the neighbours

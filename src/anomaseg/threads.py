@@ -5,14 +5,16 @@ The CPUs the process may use are its affinity set, capped by the cgroup CPU quot
 `SLURM_CPUS_PER_TASK` and by the user's `OMP_NUM_THREADS` (`cpu_limits`). Of those, the threads
 get the CPUs other work leaves free (`busy_cpus`): a torch or numba thread that shares its CPU with
 another process holds every other thread at each operator's barrier for a scheduler time slice,
-which made training 5-17x slower beside one busy process on a 2-CPU machine, where one thread fewer
-than the CPUs lost nothing (benchmarks/bench_contention.py).
+which made bf16 training 4.6x slower beside one busy process on a 2-CPU machine, where one thread
+fewer than the CPUs lost nothing (benchmarks/bench_contention.py --sweep). Processes that never
+wait for one another (preprocess's cases) need no CPU of their own (`process_count`).
 
 `--threads N` (any command; `train.threads: N` in a run's config, so `--resume` keeps it) or
 `ANOMASEG_THREADS=N` pins the count: exactly N, never adapted. Otherwise (`auto`) a
 `ThreadGovernor` re-checks the busy CPUs when a step takes more than twice the running median, and
 every `CHECK_EVERY_S` seconds, and moves the thread count when a neighbour comes or goes (one log
-line per change). The count changes floating-point results (reductions split differently), so
+line per change; this process's own threads are not counted as busy, its child processes, e.g.
+DataLoader workers of `train.num_workers`, are). The count changes floating-point results (reductions split differently), so
 runs are bit for bit repeatable only with a pinned count.
 """
 
