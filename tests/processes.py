@@ -31,6 +31,10 @@ def free_port() -> int:
 
 
 def _run_cli(argv, env):
+    # A process started by a forkserver makes forkserver its default start method, so the command's
+    # DataLoader workers would start a forkserver of their own, orphaned when a test kills the run.
+    # The command started from a shell has the platform's default: give it that.
+    mp.set_start_method(None, force=True)
     for k, v in env.items():
         if v is None:
             os.environ.pop(k, None)
@@ -112,34 +116,50 @@ def leftover_processes() -> dict[int, str]:
     return found
 
 
-def stop_multiprocessing_helpers() -> None:
-    """Stop the forkserver and resource tracker that multiprocessing keeps for the parent's lifetime.
-    They would exit on their own once pytest has exited, but that is after any check could run;
-    `_stop` is the stdlib's own hook for this (there is no public one)."""
-    from multiprocessing import forkserver, resource_tracker
+def _stop_in_time(stop, timeout: float) -> None:
+    """Call a helper's `_stop` (which waits for the helper to exit) without hanging the run."""
+    import threading
 
-    for helper in (getattr(forkserver, "_forkserver", None), getattr(resource_tracker, "_resource_tracker", None)):
-        stop = getattr(helper, "_stop", None)
-        if stop is not None:
-            try:
-                stop()
-            except (OSError, ChildProcessError):
-                pass
+    def call():
+        try:
+            stop()
+        except (OSError, ChildProcessError):
+            pass
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(timeout)
 
 
 def processes_left_after(grace_s: float = 15.0) -> dict[int, str]:
-    """The suite's processes still alive `grace_s` seconds after its helpers were told to stop
-    (those found are then killed, so a failing check leaves nothing behind either)."""
+    """The suite's processes still alive `grace_s` seconds after its multiprocessing helpers were
+    told to stop (those found are then killed, so a failing check leaves nothing behind either).
+
+    multiprocessing keeps a forkserver and a resource tracker for the parent's lifetime; they would
+    exit once pytest has exited, after any check could run, so they are stopped first (`_stop` is
+    the stdlib's own hook; there is no public one). The resource tracker is stopped last: it exits
+    when every process holding its pipe has, and an orphan (e.g. a forkserver that a worker started)
+    holds it, so waiting for it before the orphans are killed would hang the run."""
     import signal
     import time
+    from multiprocessing import forkserver, resource_tracker
 
-    stop_multiprocessing_helpers()
+    server = getattr(forkserver, "_forkserver", None)
+    if getattr(server, "_stop", None):
+        _stop_in_time(server._stop, grace_s)
+    tracker = getattr(resource_tracker, "_resource_tracker", None)
+    tracker_pid = getattr(tracker, "_pid", None)
     deadline = time.monotonic() + grace_s
-    while (left := leftover_processes()) and time.monotonic() < deadline:
+    while (left := {p: c for p, c in leftover_processes().items() if p != tracker_pid}) and time.monotonic() < deadline:
         time.sleep(0.2)
     for pid in left:
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+    if getattr(tracker, "_stop", None):
+        _stop_in_time(tracker._stop, grace_s)
+    if tracker_pid is not None and tracker_pid in leftover_processes():
+        left[tracker_pid] = _cmdline(tracker_pid)
+        os.kill(tracker_pid, signal.SIGKILL)
     return left

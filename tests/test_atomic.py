@@ -31,3 +31,43 @@ def test_atomic_dir_replaces_only_when_complete(tmp_path):
             raise KeyError("boom")
     assert sorted(p.name for p in out.iterdir()) == ["a"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_forked_child_does_not_keep_a_killed_parents_output_locked(tmp_path):
+    """A command holding an output lock forks a worker (as DataLoader and process pools do) and is
+    then killed: the worker lives on, but the same command can take the output again at once."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from anomaseg.atomic import output_lock
+
+    out, child_pid = tmp_path / "run", tmp_path / "child.pid"
+    code = f"""
+import os, signal, time
+from anomaseg.atomic import output_lock
+with output_lock({str(out)!r}):
+    if os.fork() == 0:  # the worker: says it runs (fork handlers done), then works on
+        open({str(child_pid)!r} + ".tmp", "w").write(str(os.getpid()))
+        os.rename({str(child_pid)!r} + ".tmp", {str(child_pid)!r})
+        time.sleep(60)
+        os._exit(0)
+    while not os.path.exists({str(child_pid)!r}):
+        time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+    assert subprocess.run([sys.executable, "-c", code]).returncode == -signal.SIGKILL
+    child = int(child_pid.read_text())
+    try:
+        os.kill(child, 0)  # the forked worker still runs
+        with output_lock(out):  # and does not hold the lock
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{child}"):
+            with open(f"/proc/{child}/stat") as f:
+                if f.read().rsplit(")", 1)[-1].split()[0] == "Z":
+                    break
+            time.sleep(0.05)

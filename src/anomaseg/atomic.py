@@ -131,6 +131,25 @@ def check_output_dir(out: str | Path) -> None:
 
 
 _held: dict[Path, int] = {}  # locks this process holds (re-entrant: a command may lock, then call a writer that locks)
+_lock_fds: dict[Path, int] = {}  # the descriptor holding each of them
+
+
+def _drop_inherited_locks() -> None:
+    """In a child made by fork: close its copies of the parent's lock descriptors. An flock belongs
+    to the open file, which a forked child shares, so a child (a DataLoader worker, a process pool
+    worker) would otherwise keep the output locked after a killed parent, and the re-run of the
+    same command (`--resume`) would be refused as "another command is writing"."""
+    for fd in _lock_fds.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _lock_fds.clear()
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 def lock_file(path: str | Path) -> Path:
@@ -175,12 +194,12 @@ def output_lock(path: str | Path) -> Iterator[None]:
         if current == os.fstat(fd).st_ino:
             break
         os.close(fd)
-    _held[lock] = 1
+    _held[lock], _lock_fds[lock] = 1, fd
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
-        del _held[lock]
+        del _held[lock], _lock_fds[lock]
         lock.unlink(missing_ok=True)
         os.close(fd)

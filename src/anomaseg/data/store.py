@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol, Sequence
@@ -230,6 +231,12 @@ class _Rows(torch.utils.data.Dataset):
         return self.source.read(idx)
 
 
+# Forked workers are this process's children, so DataLoader's watchdog ends them when a run is killed.
+# Under a forkserver (Python 3.14's default on Linux, or in a process a forkserver started) they are
+# the server's children and outlive it. Where fork is unsafe (macOS) the platform's default stays.
+WORKER_START = "fork" if sys.platform == "linux" else None
+
+
 def batches(source: SliceSource, index_batches: list[np.ndarray], workers: int = 0,
             pin_memory: bool = False) -> Iterator[torch.Tensor]:
     """The rows of each index array, in order; read ahead by `workers` processes for a store."""
@@ -238,5 +245,6 @@ def batches(source: SliceSource, index_batches: list[np.ndarray], workers: int =
             yield source.read(idx)
         return
     loader = torch.utils.data.DataLoader(_Rows(source), sampler=index_batches, batch_size=None,
-                                         num_workers=workers, pin_memory=pin_memory, prefetch_factor=2)
+                                         num_workers=workers, pin_memory=pin_memory, prefetch_factor=2,
+                                         multiprocessing_context=WORKER_START)
     yield from loader
