@@ -199,3 +199,19 @@ def test_lesion_calibration_reads_only_the_held_out_healthy_cases(shared_run, tm
     metrics = evaluate_dataset(run, lesioned_dir, tmp_path / "eval", progress=False, baseline=False)
     assert metrics["threshold"] == scorer.post.threshold_
     assert np.isfinite(metrics["froc_score"]) and metrics["froc_n_lesions"] == metrics["n_true_lesions"]
+
+
+def test_an_onnx_export_carries_the_fitted_lesion_volume():
+    from anomaseg.export import ExportMetadata
+
+    post = PostProcessor(calibration="fp_lesions", healthy_fp_lesions=0.5, healthy_fpr=0.05,
+                         min_lesion_ml_candidates=[0.027, 0.001]).fit(HEALTHY)
+    settings = {k: v for k, v in vars(post).items() if not k.endswith("_")}  # what export stores
+    meta = ExportMetadata({}, {}, settings, post.threshold_, {}, {}, 0, post.fitted_state())
+    meta = ExportMetadata(**json.loads(meta.to_json()))  # as read back from the file
+    rebuilt = meta.postprocessor()
+    assert (rebuilt.threshold_, rebuilt.min_lesion_ml_) == (2.0, 0.027)
+    assert rebuilt.min_voxels((1.0, 1.0, 1.0)) == 27
+    stale = ExportMetadata({}, {}, settings, post.threshold_, {}, {}, 0)  # without it: an error, not another size
+    with pytest.raises(ValueError, match="min_lesion_ml_"):
+        stale.postprocessor()

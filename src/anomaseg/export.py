@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +85,7 @@ class ExportMetadata:
     model: dict
     source: dict
     activation_bytes_per_sample: int
+    postprocessing_fitted: dict = field(default_factory=dict)  # e.g. fp_lesions' min_lesion_ml_
     format: str = FORMAT
     anomaseg_version: str = __version__
     input: str = (f"{INPUT}: float32 (batch, channels, size, size), axial slices normalised as "
@@ -100,7 +101,7 @@ class ExportMetadata:
     def postprocessor(self) -> PostProcessor:
         post = PostProcessor(**self.postprocessing)
         post.threshold_ = float(self.threshold)
-        return post
+        return post.load_fitted_state(self.postprocessing_fitted)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -130,7 +131,8 @@ def export_onnx(run_dir: str | Path, out: str | Path, predictor: str | None = No
             "and get the case's lowest value")},
         predictor={"name": name, "params": scorer.predictor.get_params(),
                    "slice_score": f"mean of the highest {TOP_FRACTION:.0%} of the map inside the brain mask"},
-        postprocessing=vars_of(scorer.post), threshold=float(scorer.post.threshold_), model=dict(scorer.model.hparams),
+        postprocessing=vars_of(scorer.post), postprocessing_fitted=scorer.post.fitted_state(),
+        threshold=float(scorer.post.threshold_), model=dict(scorer.model.hparams),
         source={"run": str(Path(run_dir).resolve()), "checkpoint": checkpoint_stamp(run_dir)},
         activation_bytes_per_sample=activation_bytes_per_sample(net, shape, "cpu"))
     proto = onnx_graph(net, scorer.predictor, shape, opset)
