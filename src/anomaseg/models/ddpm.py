@@ -63,8 +63,6 @@ import math
 from typing import Callable, ContextManager
 
 import torch
-from monai.networks.nets import DiffusionModelUNet
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 from anomaseg.models.base import AnomalyModel, ModelOutput
 from anomaseg.models.registry import register_model
@@ -89,7 +87,7 @@ def patch_starts(size: int, patch: int, stride: int) -> list[int]:
                           patch_size=16))
 class PatchedDDPM(AnomalyModel):
     # NCHW: under bf16 autocast (what `--precision auto` picks on a CPU with bf16 units) a training
-    # step is 1.8x faster than in NHWC (benchmarks/README.md, "pDDPM")
+    # step is 1.7x faster than in NHWC (benchmarks/bench_pddpm.py; benchmarks/README.md, "pDDPM")
     prefers_channels_last = False
 
     def __init__(self, in_channels: int = 1, image_size: int = 64, channels: tuple[int, ...] = (32, 64, 64),
@@ -121,6 +119,11 @@ class PatchedDDPM(AnomalyModel):
         self.t_test, self.ddim_steps, self.ensemble = int(t_test), int(ddim_steps), int(ensemble)
         self.patch_size, self.patch_stride, self.train_patches = patch_size, patch_stride, bool(train_patches)
         self.noise_seed = int(noise_seed)
+        # imported here: MONAI's networks take seconds to import, which every command that lists or
+        # builds another model would otherwise pay (the registry imports this module)
+        from monai.networks.nets import DiffusionModelUNet
+        from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+
         self.unet = DiffusionModelUNet(spatial_dims=2, in_channels=in_channels, out_channels=in_channels,
                                        channels=channels, attention_levels=(False,) * len(channels),
                                        num_res_blocks=num_res_blocks, norm_num_groups=norm_num_groups,
