@@ -63,7 +63,8 @@ from anomaseg.data.slices import prepare_cases  # noqa: E402
 from anomaseg.postprocess import PostProcessor, bounding_box, median_filter_3d  # noqa: E402
 from anomaseg.runtime import autocast, fabric_precision  # noqa: E402
 from anomaseg.run import load_run_config  # noqa: E402
-from anomaseg.scoring import Scorer, calibrate  # noqa: E402
+from anomaseg.calibration import calibrate  # noqa: E402
+from anomaseg.scorer import Scorer  # noqa: E402
 
 WORK = ROOT / "results" / "work" / "inference"
 BEFORE_DEFAULT = "4bc09a6"  # main before the inference work

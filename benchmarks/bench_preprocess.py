@@ -41,7 +41,7 @@ from anomaseg.atomic import write_text  # noqa: E402
 from anomaseg.data.phantom import make_phantom  # noqa: E402
 from anomaseg.evaluation import evaluate_dataset  # noqa: E402
 from anomaseg.preprocess import PreprocessConfig, preprocess_dataset  # noqa: E402
-from anomaseg.scoring import calibrate  # noqa: E402
+from anomaseg.calibration import calibrate  # noqa: E402
 from anomaseg.training import train  # noqa: E402
 
 KEYS = ("pixel_auroc", "pixel_auprc", "dice_best", "per_volume_dice_mean", "lesion_recall")

@@ -50,7 +50,7 @@ from anomaseg.data.phantom import make_phantom  # noqa: E402
 from anomaseg.data.slices import load_case_with_mask_source  # noqa: E402
 from anomaseg.evaluation import evaluate_dataset  # noqa: E402
 from anomaseg.run import RunPaths  # noqa: E402
-from anomaseg.scoring import calibrate  # noqa: E402
+from anomaseg.calibration import calibrate  # noqa: E402
 from anomaseg.training import train  # noqa: E402
 
 KEYS = ("pixel_auroc", "pixel_auprc", "dice_best", "dice_at_threshold")

@@ -7,7 +7,7 @@ from anomaseg.models import create_model, list_models
 from anomaseg.models.base import recalibrate_batchnorm
 from anomaseg.postprocess import PostProcessor
 from anomaseg.predictors import create_predictor
-from anomaseg.scoring import Scorer
+from anomaseg.scorer import Scorer
 
 SIZE = 32
 

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import yaml
 
-from anomaseg import scoring
+from anomaseg import calibration
 from anomaseg.lesion_metrics import case_lesions
 from anomaseg.lesion_sweep import FrocTally, component_sweep, interpolated_sensitivity
 from anomaseg.postprocess import PostProcessor
+from anomaseg.scorer import Scorer
 
 
 def _line(values, lesions):
@@ -178,10 +179,10 @@ def test_lesion_calibration_reads_only_the_held_out_healthy_cases(shared_run, tm
     config["score"]["calibration"] = "fp_lesions"
     paths.config.write_text(yaml.safe_dump(config))
     read = []
-    prepare = scoring.prepare_cases
-    monkeypatch.setattr(scoring, "prepare_cases", lambda cases, *a, **k: read.extend(c.case_id for c in cases)
+    prepare = calibration.prepare_cases
+    monkeypatch.setattr(calibration, "prepare_cases", lambda cases, *a, **k: read.extend(c.case_id for c in cases)
                         or prepare(cases, *a, **k))
-    scorer = scoring.calibrate(run, progress=False, force=True)
+    scorer = calibration.calibrate(run, progress=False, force=True)
     assert sorted(read) == sorted(json.loads(paths.split.read_text())["val"])
     entry = json.loads(paths.calibration.read_text())["residual"]
     assert entry["postprocess"]["calibration"] == "fp_lesions"
@@ -190,7 +191,7 @@ def test_lesion_calibration_reads_only_the_held_out_healthy_cases(shared_run, tm
     def refit(*a, **k):
         raise AssertionError("calibrated on the test data")
 
-    monkeypatch.setattr(scoring.Scorer, "fit", refit)
+    monkeypatch.setattr(Scorer, "fit", refit)
     for case in sorted(lesioned_dir.iterdir()):  # poisoned test cases: bright noise everywhere
         image = next(case.glob("*_flair.nii.gz"))
         img = nib.load(image)

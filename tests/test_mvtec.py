@@ -50,7 +50,7 @@ def test_png_post_processing_erodes_in_plane(tmp_path):
     from anomaseg.models import create_model
     from anomaseg.postprocess import PostProcessor
     from anomaseg.predictors.base import create_predictor
-    from anomaseg.scoring import Scorer
+    from anomaseg.scorer import Scorer
 
     root = write_mvtec(tmp_path / "m", n_good=1, n_defect=0, size=(40, 48), rgb=False)
     case = prepare_case(find_cases(root / "test", ["gray"])[0], SliceSpec(("gray",), 32, (0.0, 100.0), 1.0, 0.0))

@@ -2,9 +2,10 @@ import json
 
 import pytest
 
-from anomaseg import scoring
+from anomaseg import calibration
 from anomaseg.cli import main
 from anomaseg.run import RunPaths, load_checkpoint, save_checkpoint
+from anomaseg.scorer import Scorer
 from conftest import tiny_train_args
 
 
@@ -17,16 +18,16 @@ def test_calibration_is_reused_until_the_checkpoint_changes(healthy_dir, tmp_pat
     def refit(*a, **k):
         raise AssertionError("calibrated again")
 
-    monkeypatch.setattr(scoring.Scorer, "fit", refit)
-    scorer = scoring.calibrate(run, progress=False)  # same checkpoint: read from calibration.json
+    monkeypatch.setattr(Scorer, "fit", refit)
+    scorer = calibration.calibrate(run, progress=False)  # same checkpoint: read from calibration.json
     assert scorer.post.threshold_ == stored["threshold"]
     # the stamp is the weights' digest: the same weights written again keep the calibration...
     best = RunPaths(run).best
     state = load_checkpoint(best)
     save_checkpoint(best, state)
-    scoring.calibrate(run, progress=False)
+    calibration.calibrate(run, progress=False)
     # ...new weights (e.g. training resumed through the library, which does not calibrate) make it stale
     state["model"]["encoder.0.weight"] += 1e-3
     save_checkpoint(best, state)
     with pytest.raises(AssertionError, match="calibrated again"):
-        scoring.calibrate(run, progress=False)
+        calibration.calibrate(run, progress=False)

@@ -111,7 +111,7 @@ def cmd_phantom(args) -> int:
 def cmd_train(args) -> int:
     from anomaseg import config as cfg
     from anomaseg.run import RunPaths
-    from anomaseg.scoring import calibrate
+    from anomaseg.calibration import calibrate
     from anomaseg.training import LAUNCH_KEYS, seed_phase, train
 
     overrides = _overrides(args)

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 from anomaseg import config as cfg
+from anomaseg.calibration import calibrate
 from anomaseg.data.phantom import make_phantom
 from anomaseg.evaluation import baseline_line, evaluate_dataset, lesion_summary
-from anomaseg.scoring import calibrate
 from anomaseg.training import train
 
 # What the demo runs: Baur et al.'s spatial VAE on FLAIR + T2 at 64 px, sized to finish in about 5

@@ -44,8 +44,9 @@ from anomaseg.report import CaseOverlay, SideBySide, write_comparison_report, wr
 from anomaseg.parallel import run_sharded, worker_device
 from anomaseg.report_viewer import MAX_VIEWERS, case_slices
 from anomaseg.run import checkpoint_stamp, load_run_config
-from anomaseg.scoring import (ScorerSource, case_spacing, prepare_one, cases_to_score, bids_output_info,
-                              resolve_predictors)
+from anomaseg.calibration import resolve_predictors
+from anomaseg.scorer import case_spacing
+from anomaseg.scoring import ScorerSource, bids_output_info, cases_to_score, prepare_one
 
 BASELINE = "intensity"  # the predictor every evaluation is compared with
 N_OVERLAYS = 2  # best and worst cases shown in the report

@@ -49,7 +49,8 @@ from anomaseg.errors import InputError
 from anomaseg.inference import activation_bytes_per_sample, batch_size_for, inference_copy
 from anomaseg.postprocess import PostProcessor
 from anomaseg.predictors.base import TOP_FRACTION, create_predictor, top_fraction_mean
-from anomaseg.scoring import Scorer, calibrate, vars_of
+from anomaseg.calibration import calibrate
+from anomaseg.scorer import Scorer, vars_of
 
 METADATA_KEY = "anomaseg"
 FORMAT = "anomaseg-onnx/1"

@@ -145,7 +145,7 @@ def anomaly_candidates(run_dir: str | Path, cases: list[PreparedCase], factors=(
     threshold calibrated on the run's healthy cases; and the last predictor's post-processed map per
     case (float32). `cases` must be prepared at the run's slicing. Sources read
     `<label>_<predictor>_x<factor>` (`<label>_x<factor>` for the run's own predictor)."""
-    from anomaseg.scoring import calibrate
+    from anomaseg.calibration import calibrate
 
     segs: dict = {c.case_id: [] for c in cases}
     maps: dict = {}

@@ -1,0 +1,127 @@
+"""The scoring engine: a model, a predictor and post-processing, from prepared slices to a volume.
+
+`Scorer` runs a predictor over a case's in-domain slices, maps the result back to the case's
+voxel grid and post-processes it; `fit` fits predictor and threshold on healthy cases. It knows
+nothing about run folders, datasets or training (`calibration.calibrate` builds one for a run,
+`scoring` runs one over a dataset, `export.OnnxScorer` is one backed by ONNX Runtime).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from anomaseg import config as cfg
+from anomaseg.data.slices import PreparedCase
+from anomaseg.inference import inference_batch_size, inference_copy
+from anomaseg.postprocess import PostProcessor
+from anomaseg.predictors.base import Predictor
+from anomaseg.runtime import autocast, default_device, fabric_precision
+
+
+def predictor_key(name: str, params: dict) -> str:
+    if not params:
+        return name
+    return name + "(" + ",".join(f"{k}={params[k]}" for k in sorted(params)) + ")"
+
+
+def make_postprocessor(score: cfg.ScoreConfig) -> PostProcessor:
+    return PostProcessor(score.median_size, score.erosion, score.min_component_size, score.healthy_fpr,
+                         score.calibration, score.size_units, score.median_mm, score.min_lesion_ml,
+                         score.healthy_fp_lesions, score.min_lesion_ml_candidates)
+
+
+def case_spacing(case: PreparedCase) -> tuple[float, float, float]:
+    """The case's voxel size in mm along the axes of its RAS+ arrays."""
+    return tuple(case.meta.get("spacing", (1.0, 1.0, 1.0)))
+
+
+@dataclass
+class Scorer:
+    """Runs one predictor of a model over prepared cases and post-processes the maps.
+
+    Scoring runs `net`, the model made fast for inference (`inference.inference_copy`: BatchNorm
+    folded into the convolutions, channels_last, no parameter gradients), under
+    `torch.inference_mode` (predictors that differentiate re-enable autograd for their input), in
+    batches sized to the machine's memory (`batch_size=None`). `optimize=False` runs the trained
+    model as it is (the reference the fast path is tested against). `model` stays untouched.
+    """
+
+    model: torch.nn.Module
+    predictor: Predictor
+    post: PostProcessor
+    batch_size: int | None = None
+    device: str = field(default_factory=default_device)
+    precision: str = "auto"
+    optimize: bool = True
+
+    def __post_init__(self):
+        self.model = self.model.to(self.device).eval()
+        self._fabric_precision = fabric_precision(self.precision, self.device)
+        self.net = inference_copy(self.model, self.device) if self.optimize else self.model
+
+    def _batch_size(self, sample_shape: tuple[int, ...]) -> int:
+        if not self.batch_size:
+            self.batch_size = inference_batch_size(self.net, sample_shape, self.device)
+        return self.batch_size
+
+    def _batches(self, images: np.ndarray):
+        size = self._batch_size(images.shape[1:])
+        for i in range(0, len(images), size):
+            x = torch.from_numpy(np.ascontiguousarray(images[i:i + size])).float()
+            yield x.to(self.device).contiguous(memory_format=torch.channels_last)
+
+    def predict_batch(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(maps (B, 1, S, S), scores (B,)) of a batch of model-size slices and their brain masks."""
+        return self.predictor.predict(self.net, x, mask)
+
+    def predict_slices(self, case: PreparedCase) -> tuple[np.ndarray, np.ndarray]:
+        """Raw maps (Z, S, S) at model size and the predictor's score per slice (Z,). Slices outside
+        the model's domain get the case's lowest map value and score."""
+        shape = (len(case.keep),) + case.images.shape[-2:]
+        maps, scores = np.zeros(shape, np.float32), np.zeros(len(case.keep), np.float32)
+        kept_maps, kept_scores = [], []
+        masks = case.masks[case.keep]
+        start = 0
+        with torch.inference_mode(), autocast(self.device, self._fabric_precision):
+            for x in self._batches(case.images[case.keep]):
+                m = torch.from_numpy(masks[start:start + len(x)]).to(self.device)
+                start += len(x)
+                batch_maps, batch_scores = self.predict_batch(x, m[:, None])
+                kept_maps.append(batch_maps[:, 0].float().cpu().numpy())
+                kept_scores.append(batch_scores.float().cpu().numpy())
+        if kept_maps:
+            maps[case.keep], scores[case.keep] = np.concatenate(kept_maps), np.concatenate(kept_scores)
+            maps[~case.keep], scores[~case.keep] = maps[case.keep].min(), scores[case.keep].min()
+        return maps, scores
+
+    def predict_case(self, case: PreparedCase) -> tuple[np.ndarray, np.ndarray]:
+        """Post-processed anomaly map on the case's RAS+ voxel grid, and the score of every slice."""
+        maps, scores = self.predict_slices(case)
+        return self.post.smooth(case.geometry.to_volume(maps), case.brain, case_spacing(case)), scores
+
+    def smoothed_volume(self, case: PreparedCase) -> np.ndarray:
+        """Post-processed anomaly map on the case's RAS+ voxel grid."""
+        return self.predict_case(case)[0]
+
+    def fit(self, healthy: list[PreparedCase], progress: bool = False) -> "Scorer":
+        """Fit the predictor on healthy slices, then the threshold on their post-processed maps."""
+        from tqdm.auto import tqdm
+
+        def batches():
+            for c in healthy:
+                yield from self._batches(c.images[c.keep])
+
+        with torch.inference_mode(), autocast(self.device, self._fabric_precision):
+            self.predictor.fit(self.net, batches())
+        with tqdm(healthy, desc=f"calibrating {self.predictor.name}", unit="case", disable=not progress,
+                  leave=False) as cases:
+            self.post.fit([(self.smoothed_volume(c), c.brain, case_spacing(c)) for c in cases])
+        return self
+
+
+def vars_of(post: PostProcessor) -> dict:
+    """The post-processing settings (its fitted attributes, ending in `_`, left out)."""
+    return {k: v for k, v in vars(post).items() if not k.endswith("_")}
