@@ -5,24 +5,33 @@
 
 On the built-in phantom (FLAIR, 2 mm; lesioned subjects alternate MS-like lesions and tumours):
 
-1. Candidate segmentations of widely spread quality for every lesioned subject: a spatial VAE
-   trained on the healthy subjects, stopped after several epochs, its post-processed residual map
-   thresholded at several multiples of its healthy-calibrated threshold ("our models'
-   segmentations at several thresholds and epochs"), plus perturbations of the ground truth
-   (`anomaseg.quality.pool`); per subject a subset balanced over Dice (`select_balanced`), as the
-   paper balanced its pool.
+1. Candidate segmentations of widely spread quality for every lesioned subject, from three kinds
+   of source (`anomaseg.quality.segmenters`): a spatial VAE trained on the healthy subjects,
+   stopped after several epochs, its post-processed residual map thresholded at several multiples
+   of its healthy-calibrated threshold ("our models' segmentations at several thresholds and
+   epochs", `anomaly_candidates`); small supervised U-Nets of several depths, widths and training
+   lengths, each thresholded at probabilities 0.3 / 0.5 / 0.7 (`unet_candidates`, as the paper made
+   its pool: cross-fitted over two folds of the training subjects, and fitted on all training
+   subjects for the test subjects, so no U-Net segments a subject it was fitted on); and
+   perturbations of the ground truth (`anomaseg.quality.pool`); per subject a subset balanced over
+   Dice (`select_balanced`), as the paper balanced its pool.
 2. Lesioned subjects are split by subject: the QA model (REC-Net, then REG-Net on (I_dif, S), on
    (I, S) as Robinson et al. 2018, and on both) is fitted on the training subjects' pools only
    (`fit_quality`, its own validation subjects among them); nothing of a test subject is seen.
+   `fit_quality` recalibrates each variant's predicted Dice on its validation subjects' pool
+   (`anomaseg.quality.calibration`, isotonic); both the raw and the recalibrated predictions are
+   reported, with calibration plots (predicted against true Dice, one PNG per variant).
 3. On the test subjects' pools: MAE, Pearson r and Spearman rho between predicted and true Dice,
    and the AUROC of flagging failed segmentations (true Dice < 0.5, scored by 1 - predicted Dice),
    for the three REG-Net variants and three baselines fitted on the training pool: the
    training-pool mean, and linear maps of two cues, the mean anomaly score of the VAE's final map
    inside the segmentation and the mean normalised FLAIR inside it.
 4. FGSM (`anomaseg.quality.attack`: one signed-gradient step on the normalised image slices, through
-   REC-Net for the difference variants) at eps 0.05, 0.1, 0.2, 0.3: MAE of each variant.
-Also reported: the same metrics on every VAE segmentation of the test subjects (no balancing), the
-realistic case of assessing one's own anomaly segmentations.
+   REC-Net for the difference variants) at eps 0.05, 0.1, 0.2, 0.3 on the paper's intensity scale
+   (each case min-max scaled to [0, 1]; converted per case by `eps_on_our_scale`, see attack.py):
+   MAE of each variant, raw and recalibrated.
+Also reported: the same metrics on every VAE and U-Net segmentation of the test subjects (no
+balancing), the realistic case of assessing one's own segmentations, and per source on the pool.
 
 Budget: this runs on a 2-core machine shared with other jobs, so torch uses one thread (--threads)
 and the training steps run eagerly (COMPILE). The full plan (FULL) is 8 healthy + 24 lesioned
@@ -78,20 +87,24 @@ from anomaseg.data.phantom import make_phantom  # noqa: E402
 from anomaseg.data.slices import load_case_volumes, normalise, prepare_case  # noqa: E402
 from anomaseg.metrics import binary_auroc, dice_score  # noqa: E402
 from anomaseg.quality.assessor import QualityConfig, fit_quality  # noqa: E402
-from anomaseg.quality.attack import fgsm_predictions  # noqa: E402
+from anomaseg.quality.attack import eps_on_our_scale, fgsm_predictions  # noqa: E402
+from anomaseg.quality.calibration import calibration_figure  # noqa: E402
 from anomaseg.quality.candidates import Candidate  # noqa: E402
 from anomaseg.quality.pool import dice_bin, fill_pool, select_balanced  # noqa: E402
-from anomaseg.scoring import calibrate  # noqa: E402
+from anomaseg.quality.segmenters import UNetSpec, anomaly_candidates, unet_candidates  # noqa: E402
 from anomaseg.training import train  # noqa: E402
 
 # The full plan within about an hour on the shared 2-core machine (see the module docstring);
 # LARGER is what we meant to run (64 px slices, more candidates and epochs: `--larger`).
 FULL = dict(healthy=8, lesioned=24, test_subjects=8, image_size=32, vae_epochs=[1, 3, 6],
             thresholds=[0.5, 0.7, 1.0, 1.4, 2.0], pool_size=12, test_pool_size=12, rec_epochs=10, reg_epochs=8,
-            batch_size=32, eps=[0.0, 0.05, 0.1, 0.2, 0.3])
+            batch_size=32, eps=[0.0, 0.05, 0.1, 0.2, 0.3],
+            unets=[(2, 4, 1), (2, 8, 3), (3, 8, 2), (3, 16, 6)], unet_thresholds=[0.3, 0.5, 0.7])
 LARGER = dict(FULL, image_size=64, pool_size=16, rec_epochs=15, reg_epochs=12)
 QUICK = dict(healthy=3, lesioned=6, test_subjects=2, image_size=32, vae_epochs=[1, 2], thresholds=[0.7, 1.4],
-             pool_size=6, test_pool_size=4, rec_epochs=2, reg_epochs=2, batch_size=16, eps=[0.0, 0.1, 0.3])
+             pool_size=6, test_pool_size=4, rec_epochs=2, reg_epochs=2, batch_size=16, eps=[0.0, 0.05, 0.1, 0.2, 0.3],
+             unets=[(2, 4, 1), (2, 8, 3), (3, 8, 2)], unet_thresholds=[0.3, 0.5, 0.7])
+EPS_SCALE = "unit"  # eps on the paper's scale: each case min-max scaled to [0, 1] (anomaseg.quality.attack)
 VARIANTS = ["difference", "image", "both"]
 # Eager training steps: the runs are short, so compiling (tens of seconds per network) does not pay.
 COMPILE = "off"
@@ -156,19 +169,27 @@ def model_segmentations(plan: dict, phantom: Path, work: Path, cases, progress: 
                                               "compile": COMPILE}})
     config.train_dir = str((phantom / "train").resolve())
     segs: dict = {c.case_id: [] for c in cases}
-    maps: dict = {}
+    prepared = [prepare_case(case, config.data.slice_spec()) for case in cases]
     for k, epochs in enumerate(plan["vae_epochs"]):
         train(config, run, resume=k > 0, epochs=epochs, progress=progress)
-        scorer = calibrate(run, progress=progress, force=True)
-        for case in cases:
-            prepared = prepare_case(case, config.data.slice_spec())
-            smoothed = scorer.smoothed_volume(prepared)
-            for t in plan["thresholds"]:
-                seg = scorer.post.segment(smoothed, t * scorer.post.threshold_) > 0
-                segs[case.case_id].append((f"vae_epoch{epochs}_x{t:g}", PackedMask(seg)))
-            if k == len(plan["vae_epochs"]) - 1:
-                maps[case.case_id] = smoothed.astype(np.float16)
+        found, smoothed = anomaly_candidates(run, prepared, factors=plan["thresholds"], label=f"vae_epoch{epochs}",
+                                             progress=progress)
+        for cid, found_segs in found.items():
+            segs[cid] += [(source, PackedMask(seg)) for source, seg in found_segs]
+    maps = {cid: m.astype(np.float16) for cid, m in smoothed.items()}  # the final epoch's
     return segs, maps
+
+
+def unet_segmentations(plan: dict, train_cases, test_cases, seed: int, progress: bool) -> dict:
+    """U-Net segmentations per subject (source, PackedMask): cross-fitted on the training subjects;
+    fitted on all training subjects for the test subjects."""
+    spec = cfg.DataConfig(modalities=["flair"], image_size=plan["image_size"]).slice_spec()
+    fit = [prepare_case(c, spec) for c in train_cases]
+    specs = [UNetSpec(*u) for u in plan["unets"]]
+    found = unet_candidates(fit, specs, plan["unet_thresholds"], folds=2, seed=seed, progress=progress)
+    found.update(unet_candidates(fit, specs, plan["unet_thresholds"], seed=seed, progress=progress,
+                                 predict=[prepare_case(c, spec) for c in test_cases]))
+    return {cid: [(source, PackedMask(seg)) for source, seg in segs] for cid, segs in found.items()}
 
 
 def build_pools(plan: dict, cases, segs: dict, maps: dict, pool_size: int, seed: int) -> dict:
@@ -228,6 +249,9 @@ def main(argv=None) -> None:
                     help="REG-Net keywords as JSON, e.g. '{\"augment\": false, \"weight_decay\": 0}' "
                          "(regularisation: anomaseg.quality.networks.REGNet; default: its defaults)")
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS, help="REG-Net variants to fit")
+    ap.add_argument("--train-sources", nargs="+", choices=["vae", "unet"], default=["vae", "unet"],
+                    help="segmenters whose candidates may enter the training pool (perturbations always do); "
+                         "e.g. --train-sources unet: the test pool's VAE segmentations come from a source left out of fitting")
     args = ap.parse_args(argv)
     variants = list(args.variants)
     reg_params = json.loads(args.reg_params) if args.reg_params else {}
@@ -263,7 +287,16 @@ def main(argv=None) -> None:
     loads["after_vae"] = load()
 
     t = time.perf_counter()
-    train_pools = build_pools(plan, cases[:len(train_names)], segs, maps, plan["pool_size"], args.seed)
+    unet_segs = unet_segmentations(plan, cases[:len(train_names)], cases[len(train_names):], args.seed, progress)
+    for cid, found in unet_segs.items():
+        segs[cid] += found
+    seconds["unet_segmentations"] = time.perf_counter() - t
+    stage("unet_segmentations", seconds, args.threads)
+
+    t = time.perf_counter()
+    train_segs = {cid: [(src, m) for src, m in found if src.split("_")[0] in args.train_sources]
+                  for cid, found in segs.items()}
+    train_pools = build_pools(plan, cases[:len(train_names)], train_segs, maps, plan["pool_size"], args.seed)
     test_pools = build_pools(plan, cases[len(train_names):], segs, maps, plan["test_pool_size"], args.seed + 1)
     seconds["pools"] = time.perf_counter() - t
     stage("pools", seconds, args.threads)
@@ -272,6 +305,7 @@ def main(argv=None) -> None:
     qa_dir = work / "qa"
     shutil.rmtree(qa_dir, ignore_errors=True)
     config = QualityConfig(image_size=plan["image_size"], variants=variants, pool_size=0, reg_params=reg_params,
+                           calibration="isotonic",
                            rec_epochs=plan["rec_epochs"], reg_epochs=plan["reg_epochs"], batch_size=plan["batch_size"], seed=args.seed,
                            precision=args.precision, compile=COMPILE)
     given = [Candidate(cid, r["source"], array=r["seg"]) for cid, p in train_pools.items() for r in p["pool"]]
@@ -292,10 +326,11 @@ def main(argv=None) -> None:
             for r in pools[kind]:
                 image, s, areas, outside = assessor.case_inputs(prepared, np.asarray(r["seg"]))
                 row = {k: v for k, v in r.items() if k != "seg"}
-                row.update(case_id=cid, set=kind)
+                eps = eps_on_our_scale(plan["eps"], image, EPS_SCALE) if kind == "pool" else [0.0]
+                row.update(case_id=cid, set=kind, eps_ours=eps)
                 for v in variants:
-                    eps = plan["eps"] if kind == "pool" else [0.0]
                     row[v] = fgsm_predictions(assessor.pipeline(v), image, s, areas, outside, r["dice"], eps)
+                    row[f"{v}_recalibrated"] = assessor.calibration(v)(row[v]).tolist()
                 rows.append(row)
         print(f"[{time.strftime('%H:%M:%S')}] assessed {cid}", file=sys.stderr, flush=True)
     seconds["predict_and_attack"] = time.perf_counter() - t
@@ -308,27 +343,51 @@ def main(argv=None) -> None:
         f = linear_map([r[cue] for r in train_rows], true_train)
         baselines[cue] = (lambda f_, c_: lambda rs: f_([r[c_] for r in rs]))(f, cue)
 
+    predictors = [p for v in variants for p in (v, f"{v}_recalibrated")]
     results = {}
     for kind in ("pool", "model"):
         rs = [r for r in rows if r["set"] == kind]
         true = [r["dice"] for r in rs]
         res = {}
-        for v in variants:
+        for v in predictors:
             res[v] = metrics([r[v][0] for r in rs], true)
+            res[v]["mean_predicted"] = float(np.mean([r[v][0] for r in rs]))
             if kind == "pool":
                 res[v]["fgsm_mae"] = {str(e): float(np.mean([abs(r[v][i] - r["dice"]) for r in rs]))
                                       for i, e in enumerate(plan["eps"])}
         for name, f in baselines.items():
             res[name] = metrics(f(rs), true)
+        res["true_mean"] = float(np.mean(true))
         results[kind] = res
+    pool_rows = [r for r in rows if r["set"] == "pool"]
+    for kind in ("pool", "model"):
+        kind_rows = [r for r in rows if r["set"] == kind]
+        results[f"{kind}_by_source"] = {
+            family: {v: metrics([r[v][0] for r in rs], [r["dice"] for r in rs]) for v in predictors}
+            for family in ("vae", "unet", "perturbation")
+            if (rs := [r for r in kind_rows if r["source"].startswith(family)])}
+    eps_factor = [r["eps_ours"][-1] / plan["eps"][-1] for r in pool_rows if plan["eps"][-1] > 0]
+    calibration_plots = []
+    for v in variants:
+        fig = calibration_figure([r["dice"] for r in pool_rows], {"raw": [r[v][0] for r in pool_rows],
+                                                                   "recalibrated": [r[f"{v}_recalibrated"][0] for r in pool_rows]},
+                                 title=f"REG-Net {v}: held-out test pool")
+        png = out.parent / f"{out.name}_calibration_{v}.png"
+        fig.savefig(png, dpi=100)
+        calibration_plots.append(str(png.relative_to(ROOT)) if png.is_relative_to(ROOT) else str(png))
     pool_hist = np.bincount([dice_bin(r["dice"]) for r in train_rows], minlength=10).tolist()
     command = [".venv/bin/python", "benchmarks/quality_assessment.py", *(argv if argv is not None else sys.argv[1:])]
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": shlex.join(command),
+              "train_sources": list(args.train_sources) + ["perturbation"],
               "torch_threads": args.threads, "plan": plan, "machine": machine(), "load_average": loads,
               "seconds": {k: round(v, 1) for k, v in seconds.items()}, "qa_config": assessor.meta["config"],
               "train_subjects": train_names, "test_subjects": test_names,
               "training_pool": {"candidates": len(train_rows), "dice_histogram": pool_hist},
               "histories": histories, "results": results,
+              "calibration": json.loads((qa_dir / "calibration.json").read_text()), "calibration_plots": calibration_plots,
+              "eps_scale": {"paper": EPS_SCALE, "ours_per_paper_unit": {"min": min(eps_factor, default=None),
+                                                                        "mean": float(np.mean(eps_factor)) if eps_factor else None,
+                                                                        "max": max(eps_factor, default=None)}},
               "test_rows": [{k: v for k, v in r.items()} for r in rows]}
     write_text(out.with_suffix(".json"), json.dumps(report, indent=1, default=float))
     write_text(out.with_suffix(".md"), table(report))
@@ -340,21 +399,43 @@ def table(report: dict) -> str:
     lines = [f"Test subjects: {', '.join(report['test_subjects'])}; {report['machine'].get('cpu_model', '?')}, "
              f"bf16 units: {report['machine']['avx512_bf16']}; load average {report['load_average']}; "
              f"stage seconds {report['seconds']}", ""]
-    for kind, title in (("pool", "Balanced test pool (VAE segmentations + perturbations)"),
-                        ("model", "Every VAE segmentation of the test subjects (no balancing)")):
-        res = report["results"][kind]
+    factor = report.get("eps_scale", {}).get("ours_per_paper_unit", {})
+    if factor.get("mean") is not None:
+        lines += [f"FGSM eps on the paper's scale (each case min-max scaled to [0, 1]); on our normalised "
+                  f"intensities eps times {factor['min']:.2f}-{factor['max']:.2f} (mean {factor['mean']:.2f}).", ""]
+    for kind, title in (("pool", "Balanced test pool (VAE and U-Net segmentations + perturbations)"),
+                        ("model", "Every VAE and U-Net segmentation of the test subjects (no balancing)")):
+        res = {k: m for k, m in report["results"][kind].items() if isinstance(m, dict)}
         n = next(iter(res.values()))
-        lines += [f"**{title}**: {n['n']} segmentations, {n['n_failed']} failed (Dice < {FAIL})", ""]
+        lines += [f"**{title}**: {n['n']} segmentations, {n['n_failed']} failed (Dice < {FAIL}), "
+                  f"true mean Dice {report['results'][kind].get('true_mean', math.nan):.3f}", ""]
         eps = [e for e in plan["eps"] if e > 0] if kind == "pool" else []
-        head = ["predictor", "MAE", "Pearson r", "Spearman rho", "failure AUROC"] + [f"MAE eps {e:g}" for e in eps]
+        head = ["predictor", "MAE", "mean predicted", "Pearson r", "Spearman rho", "failure AUROC"] + [f"MAE eps {e:g}" for e in eps]
         lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
         for name, m in res.items():
-            cells = [name] + [f"{m[k]:.3f}" if not math.isnan(m[k]) else "n/a"
-                              for k in ("mae", "pearson_r", "spearman_rho", "failure_auroc")]
+            cells = [name] + [f"{m[k]:.3f}" if k in m and not math.isnan(m[k]) else "n/a"
+                              for k in ("mae", "mean_predicted", "pearson_r", "spearman_rho", "failure_auroc")]
             cells += [f"{m['fgsm_mae'][str(e)]:.3f}" for e in eps] if "fgsm_mae" in m else ["" for _ in eps]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    for kind, title in (("pool", "Balanced test pool"), ("model", "Every VAE and U-Net segmentation")):
+        lines += by_source_table(report["results"].get(f"{kind}_by_source", {}), title)
     return "\n".join(lines)
+
+
+def by_source_table(by_source: dict, title: str) -> list[str]:
+    lines = []
+    if by_source:
+        lines += [f"**{title} by source** (MAE / Spearman rho)", "",
+                  "| source | n | " + " | ".join(next(iter(by_source.values()))) + " |",
+                  "|---|---|" + "---|" * len(next(iter(by_source.values())))]
+        for family, res in by_source.items():
+            n = next(iter(res.values()))["n"]
+            lines.append(f"| {family} | {n} | " + " | ".join(
+                f"{m['mae']:.3f} / " + ("n/a" if math.isnan(m["spearman_rho"]) else f"{m['spearman_rho']:.3f}")
+                for m in res.values()) + " |")
+        lines.append("")
+    return lines
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from conftest import tiny_train_args, write_dataset
 # tiny networks, few epochs: the fit takes seconds (the benchmark measures the real thing)
 QA_FIT = ["--image-size", "32", "--pool-size", "8", "--batch-size", "16", "--set", "rec_epochs=15",
           "--set", "reg_epochs=8", "--set", "rec_params={base_channels: 4, depth: 2}",
-          "--set", "reg_params={base_channels: 4, depth: 2}"]
+          "--set", "reg_params={base_channels: 4, depth: 2}", "--set", "calibration=isotonic"]
 
 
 @pytest.fixture(scope="module")

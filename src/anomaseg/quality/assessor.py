@@ -11,7 +11,8 @@ case from the case's images alone: it strips the case's ground truth before read
                        without it is an unfinished fit, continued with --resume)
     QA/pool.json       every candidate of the pool: case, source, true Dice, split
     QA/calibration.json  each variant's recalibration of the predicted Dice, fitted on the validation
-                       subjects' pool (`calibration.py`); applied by `QualityAssessor.predict`
+                       subjects' pool (`calibration.py`; the identity unless `calibration` names a
+                       method); applied by `QualityAssessor.predict`
     QA/unet_candidates/<source>/<case>_segmentation.nii.gz  with `unet_pool`: the cross-fitted U-Nets'
                        candidates (`segmenters.py`), a balanced subset of which joined the pool
     QA/rec/            REC-Net run folder (config.yaml, checkpoints/{last,best}.pt, history.json, samples/)
@@ -72,7 +73,9 @@ class QualityConfig:
     max_steps_per_epoch: int | None = None
     compile: str = "auto"  # torch.compile of the training step (train.compile: auto | on | off)
     cache_dir: str | None = "default"
-    calibration: str = "isotonic"  # recalibration of the predicted Dice on the validation pool: isotonic | linear | none
+    # recalibration of the predicted Dice on the validation pool: none | isotonic | linear (opt-in: on the
+    # phantom it helped in one run and hurt in another with 3 validation subjects; benchmarks/README.md)
+    calibration: str = "none"
     unet_pool: bool = False  # add cross-fitted U-Nets' segmentations to the pool (segmenters.py), up to half of it
 
     def __post_init__(self):

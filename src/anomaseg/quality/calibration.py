@@ -6,13 +6,13 @@ up to a ratio. `DiceCalibration` is a monotone map from predicted to true Dice, 
 validation subjects of `fit_quality` (never used for REG-Net's weights, only to pick its best
 epoch) and stored in QA/calibration.json; `QualityAssessor.predict` applies it.
 
-- ``isotonic`` (default): isotonic regression of the true Dice on the predicted one
+- ``isotonic``: isotonic regression of the true Dice on the predicted one
   (`scipy.optimize.isotonic_regression`, pool-adjacent violators). Its fitted steps become knots
   at each block's mean prediction, joined linearly (`numpy.interp`): the map rises strictly
   between blocks, so it keeps most of the ranking where a step function would tie whole ranges,
   and it stays flat beyond the first and last knot.
 - ``linear``: least-squares line (stored as its values at 0 and 1), clipped to [0, 1].
-- ``none``: the identity.
+- ``none`` (`QualityConfig`'s default: opt-in, see benchmarks/README.md): the identity.
 """
 
 from __future__ import annotations
