@@ -60,7 +60,8 @@ sys.path.insert(0, str(REPO / "src"))
 from anomaseg.atomic import write_text  # noqa: E402
 from anomaseg.data.layout import find_cases  # noqa: E402
 from anomaseg.data.slices import prepare_cases  # noqa: E402
-from anomaseg.postprocess import PostProcessor, bounding_box, median_filter_3d  # noqa: E402
+from anomaseg.boxes import bounding_box  # noqa: E402
+from anomaseg.postprocess import PostProcessor, median_filter_3d  # noqa: E402
 from anomaseg.runtime import autocast, fabric_precision  # noqa: E402
 from anomaseg.run import load_run_config  # noqa: E402
 from anomaseg.calibration import calibrate  # noqa: E402

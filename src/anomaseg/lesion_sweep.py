@@ -41,6 +41,7 @@ import numpy as np
 from numba import njit
 from scipy import ndimage
 
+from anomaseg.boxes import bounding_box
 from anomaseg.metrics import bin_max_value, bin_positions
 
 __all__ = ["FROC_RATES", "FrocTally", "Sweep", "component_sweep", "interpolated_sensitivity", "lesion_labels",
@@ -200,8 +201,6 @@ def component_sweep(smoothed: np.ndarray, brain: np.ndarray, truth: np.ndarray |
                     min_voxels=(1,)) -> Sweep:
     """Components of {smoothed > t} inside `brain` over every threshold t (module docstring), for
     each minimum component size in `min_voxels` (ascending)."""
-    from anomaseg.postprocess import bounding_box
-
     sizes = np.asarray(min_voxels, np.int64).reshape(-1)
     if sizes.size == 0 or np.any(np.diff(sizes) < 0):
         raise ValueError(f"min_voxels must be a non-empty ascending sequence, got {min_voxels}")

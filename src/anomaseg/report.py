@@ -9,23 +9,20 @@ written atomically (temporary file beside it, then renamed).
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import math
 import numbers
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from anomaseg import report_viewer
 from anomaseg.atomic import write_text
+from anomaseg.report_html import escape_html, fmt, generation_time, img_html, is_number, mpl_text, png_data_uri
 
 __all__ = ["CaseOverlay", "SideBySide", "write_comparison_report", "write_report"]
 
-_DPI = 72  # modest: a 4-panel overlay row is ~30-60 kB
 _PRED_COLOUR = "#ff2020"  # prediction outline: red, solid
 _TRUE_COLOUR = "#20e020"  # ground-truth outline: green, dashed (line style also tells them apart)
 
@@ -54,65 +51,6 @@ class SideBySide:
 
 
 # ----------------------------------------------------------------------------------------------
-# formatting
-# ----------------------------------------------------------------------------------------------
-
-
-def generation_time() -> str:
-    """When a report says it was written: now, or SOURCE_DATE_EPOCH (the reproducible-builds
-    convention) where set, so that two reports of the same results compare byte for byte."""
-    import os
-
-    epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    when = datetime.fromtimestamp(int(epoch), timezone.utc) if epoch and epoch.isdigit() else datetime.now(timezone.utc)
-    return when.strftime("%Y-%m-%d %H:%M UTC")
-
-
-def escape_html(x: Any) -> str:
-    return html.escape(str(x), quote=True)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, numbers.Number) and not isinstance(x, bool)
-
-
-def _fmt(x: Any) -> str:
-    """Numbers: ints as ints, floats to 3 decimals (scientific when tiny or huge), NaN -> n/a."""
-    if isinstance(x, (bool, np.bool_)):
-        return str(bool(x))
-    if isinstance(x, numbers.Integral):
-        return str(int(x))
-    if isinstance(x, numbers.Real):
-        v = float(x)
-        if math.isnan(v):
-            return "n/a"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        if v != 0.0 and (abs(v) < 1e-3 or abs(v) >= 1e6):
-            return f"{v:.3e}"
-        return f"{v:.3f}"
-    if x is None:
-        return "n/a"
-    return str(x)
-
-
-def mpl_text(s: str) -> str:
-    """Text for matplotlib: escape '$' so case ids never switch on mathtext."""
-    return str(s).replace("$", r"\$")
-
-
-def png_data_uri(fig) -> str:
-    """A matplotlib figure as a PNG data URI, at the report's resolution."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=_DPI)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _img(data_uri: str, alt: str) -> str:
-    return f'<img alt="{escape_html(alt)}" src="{data_uri}">'
-
-
-# ----------------------------------------------------------------------------------------------
 # figures
 # ----------------------------------------------------------------------------------------------
 
@@ -136,14 +74,14 @@ def _curves_png(metrics: dict, curves: dict, baseline: tuple[dict, dict] | None 
         name = mpl_text(f"baseline: {b_metrics.get('predictor', 'intensity')}")
         if b_curves.get("fpr"):
             ax_roc.plot(b_curves["fpr"], b_curves["tpr"], color=_BASELINE_COLOUR, lw=1.4,
-                        label=f"{name} (AUROC {_fmt(b_metrics.get('pixel_auroc'))})")
+                        label=f"{name} (AUROC {fmt(b_metrics.get('pixel_auroc'))})")
         if b_curves.get("precision"):
             ax_pr.plot(b_curves["recall"], b_curves["precision"], color=_BASELINE_COLOUR, lw=1.4,
-                       label=f"{name} (AP {_fmt(b_metrics.get('pixel_auprc'))})")
+                       label=f"{name} (AP {fmt(b_metrics.get('pixel_auprc'))})")
 
     auroc = metrics.get("pixel_auroc")
     if fpr and len(fpr) == len(tpr):
-        label = "ROC" + (f" (AUROC {_fmt(auroc)})" if auroc is not None else "")
+        label = "ROC" + (f" (AUROC {fmt(auroc)})" if auroc is not None else "")
         ax_roc.plot(fpr, tpr, color="C0", lw=1.8, label=label)
     else:
         ax_roc.text(0.5, 0.5, "no ROC curve", ha="center", va="center")
@@ -155,7 +93,7 @@ def _curves_png(metrics: dict, curves: dict, baseline: tuple[dict, dict] | None 
 
     auprc = metrics.get("pixel_auprc")
     if precision and len(precision) == len(recall):
-        label = "PR" + (f" (AP {_fmt(auprc)})" if auprc is not None else "")
+        label = "PR" + (f" (AP {fmt(auprc)})" if auprc is not None else "")
         ax_pr.plot(recall, precision, color="C1", lw=1.8, label=label)
     else:
         ax_pr.text(0.5, 0.5, "no PR curve", ha="center", va="center")
@@ -171,7 +109,7 @@ def _curves_png(metrics: dict, curves: dict, baseline: tuple[dict, dict] | None 
 
 def _prevalence(metrics: dict, precision: list, recall: list) -> float | None:
     n_vox, n_pos = metrics.get("n_voxels"), metrics.get("n_positive")
-    if _is_number(n_vox) and _is_number(n_pos) and n_vox > 0:
+    if is_number(n_vox) and is_number(n_pos) and n_vox > 0:
         return float(n_pos) / float(n_vox)
     # VoxelMetrics.curves() ends where everything is predicted: precision there = prevalence
     if precision and recall and recall[-1] == 1.0:
@@ -236,7 +174,7 @@ def _overlay_png(ov: CaseOverlay) -> str:
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(mpl_text(f"{ov.case_id} — Dice {_fmt(ov.dice)}"), fontsize=10)
+    fig.suptitle(mpl_text(f"{ov.case_id} — Dice {fmt(ov.dice)}"), fontsize=10)
     fig.tight_layout()
     return png_data_uri(fig)
 
@@ -294,7 +232,7 @@ def _scalar_items(metrics: dict) -> list[tuple[str, Any]]:
 
 
 def _summary_html(metrics: dict) -> str:
-    rows = "".join(f'<tr><td class="key">{escape_html(k)}</td><td>{escape_html(_fmt(v))}</td></tr>'
+    rows = "".join(f'<tr><td class="key">{escape_html(k)}</td><td>{escape_html(fmt(v))}</td></tr>'
                    for k, v in _scalar_items(metrics))
     parts = [f'<table><tr><th class="key">metric</th><th>value</th></tr>{rows}</table>']
     warnings = metrics.get("warnings")
@@ -323,7 +261,7 @@ def _per_case_html(per_case: list[dict]) -> str:
             if isinstance(v, np.generic):
                 v = v.item()
             cls = ' class="key"' if c == "case_id" or isinstance(v, str) else ""
-            cells.append(f"<td{cls}>{escape_html(_fmt(v))}</td>")
+            cells.append(f"<td{cls}>{escape_html(fmt(v))}</td>")
         body.append(f"<tr>{''.join(cells)}</tr>")
     return f"<table class=\"sortable\"><tr>{head}</tr>{''.join(body)}</table>"
 
@@ -342,9 +280,9 @@ CLINICAL_ROWS = [  # (label, mean key, std key) of lesion_metrics.LesionMetrics
 def _clinical_html(metrics: dict, baseline: dict | None) -> str:
     """Per-volume (mean +- std) and lesion-wise metrics; the baseline's beside when given."""
     def cell(m, mean, std):
-        text = _fmt(m.get(mean))
+        text = fmt(m.get(mean))
         if std and m.get(std) is not None:
-            text += f" &plusmn; {escape_html(_fmt(m.get(std)))}"
+            text += f" &plusmn; {escape_html(fmt(m.get(std)))}"
         return f"<td>{text}</td>"
 
     columns = [(str(metrics.get("predictor", "model")), metrics)]
@@ -353,11 +291,11 @@ def _clinical_html(metrics: dict, baseline: dict | None) -> str:
     head = "".join(f"<th>{escape_html(name)}</th>" for name, _ in columns)
     body = "".join(f'<tr><td class="key">{escape_html(label)}</td>' + "".join(cell(m, mean, std) for _, m in columns)
                    + "</tr>" for label, mean, std in CLINICAL_ROWS)
-    n_cases = escape_html(_fmt(metrics.get("per_volume_n_cases")))
+    n_cases = escape_html(fmt(metrics.get("per_volume_n_cases")))
     note = (f'<p class="note">Per-volume means over the {n_cases} cases with lesions; '
             "a true lesion is detected when a predicted component overlaps it; "
-            f"{escape_html(_fmt(metrics.get('n_true_lesions')))} true and "
-            f"{escape_html(_fmt(metrics.get('n_predicted_lesions')))} predicted lesions.</p>")
+            f"{escape_html(fmt(metrics.get('n_true_lesions')))} true and "
+            f"{escape_html(fmt(metrics.get('n_predicted_lesions')))} predicted lesions.</p>")
     return f'<table><tr><th class="key">metric</th>{head}</tr>{body}</table>{note}'
 
 
@@ -367,13 +305,13 @@ def _versus_baseline_html(metrics: dict, baseline: dict, keys: list[str]) -> str
     rows = [(f"{baseline.get('predictor', 'intensity')} (baseline)", baseline),
             (str(metrics.get("predictor", "model")), metrics)]
     body = "".join(f'<tr><td class="key">{escape_html(name)}</td>'
-                   + "".join(f"<td>{escape_html(_fmt(m.get(k)))}</td>" for k in keys) + "</tr>" for name, m in rows)
+                   + "".join(f"<td>{escape_html(fmt(m.get(k)))}</td>" for k in keys) + "</tr>" for name, m in rows)
     return f'<table><tr><th class="key">method</th>{head}</tr>{body}</table>'
 
 
 def _qa_calibration_html(per_case: list[dict]) -> list[str]:
     """With `--qa`: the QA model's predicted Dice of each case against its true Dice."""
-    rows = [r for r in per_case if all(_is_number(r.get(k)) and math.isfinite(r[k]) for k in ("dice", "predicted_dice"))]
+    rows = [r for r in per_case if all(is_number(r.get(k)) and math.isfinite(r[k]) for k in ("dice", "predicted_dice"))]
     if not rows:
         return []
     import matplotlib.pyplot as plt
@@ -383,7 +321,7 @@ def _qa_calibration_html(per_case: list[dict]) -> list[str]:
     fig = calibration_figure([r["dice"] for r in rows], {"QA": [r["predicted_dice"] for r in rows]})
     uri = png_data_uri(fig)
     plt.close(fig)
-    return ["<h2>Quality assessment: predicted against true Dice</h2>", _img(uri, "predicted against true Dice"),
+    return ["<h2>Quality assessment: predicted against true Dice</h2>", img_html(uri, "predicted against true Dice"),
             '<p class="note">Each case\'s Dice as the QA model (<code>--qa</code>) predicted it without the ground '
             "truth, against its true Dice; on the dashed line the prediction is exact.</p>"]
 
@@ -414,7 +352,6 @@ def write_report(
     With lesion metrics in ``metrics`` (``lesion_metrics``), a clinical section and the
     size-stratified recall plot are added.
     """
-    from anomaseg import report_viewer
     metrics = dict(metrics or {})
     curves = dict(curves or {})
     per_case = list(per_case or [])
@@ -429,17 +366,17 @@ def write_report(
         "<h2>Summary</h2>",
         _summary_html(metrics),
         "<h2>Curves</h2>",
-        _img(curves_uri, "ROC and precision-recall curves") if curves_uri
+        img_html(curves_uri, "ROC and precision-recall curves") if curves_uri
         else '<p class="note">no curves (both classes are needed)</p>',
     ]
     if "lesion_recall" in metrics:
         size_uri = report_viewer.size_recall_png(metrics, baseline[0] if baseline else None)
         sections += ["<h2>Clinical metrics</h2>", _clinical_html(metrics, baseline[0] if baseline else None)]
         if size_uri:
-            sections.append(_img(size_uri, "lesion recall by lesion size"))
+            sections.append(img_html(size_uri, "lesion recall by lesion size"))
     froc_uri = report_viewer.froc_png(metrics, froc[0], baseline[0] if baseline else None, froc[1]) if froc else None
     if froc_uri:
-        sections += ["<h2>FROC</h2>", _img(froc_uri, "FROC curve"),
+        sections += ["<h2>FROC</h2>", img_html(froc_uri, "FROC curve"),
                      '<p class="note">Lesion sensitivity against false-positive lesions per case over the '
                      "threshold sweep (components and hits as in the clinical metrics, small components removed "
                      "as in the segmentation; a case's false-positive count is its running maximum from the "
@@ -462,9 +399,9 @@ def write_report(
             '<p class="note">Prediction outline in red (solid), ground truth in green (dashed).</p>'
         )
         for ov in overlays:
-            caption = f"{ov.case_id} — Dice {_fmt(ov.dice)}"
+            caption = f"{ov.case_id} — Dice {fmt(ov.dice)}"
             sections.append(
-                f"<figure>{_img(_overlay_png(ov), caption)}<figcaption>{escape_html(caption)}</figcaption></figure>"
+                f"<figure>{img_html(_overlay_png(ov), caption)}<figcaption>{escape_html(caption)}</figcaption></figure>"
             )
     else:
         sections.append('<p class="note">no overlays</p>')
@@ -494,12 +431,12 @@ def write_comparison_report(path, summary: dict, rows: list[SideBySide], keys: l
     body = "".join(
         f'<tr><td class="key"><a href="{escape_html(name)}/report.html">{escape_html(name)}</a>'
         + (" (baseline)" if name == baseline else "") + "</td>"
-        + "".join(f"<td>{escape_html(_fmt(m.get(k)))}</td>" for k in keys) + "</tr>"
+        + "".join(f"<td>{escape_html(fmt(m.get(k)))}</td>" for k in keys) + "</tr>"
         for name, m in summary.items()
     )
     sections = [f'<h2>Metrics</h2><table><tr><th class="key">predictor</th>{head}</tr>{body}</table>',
                 f"<h2>Maps side by side ({len(rows)} case(s) with the largest lesions)</h2>"]
-    sections += [f"<figure>{_img(_side_by_side_png(r), r.case_id)}</figure>" for r in rows] or \
+    sections += [f"<figure>{img_html(_side_by_side_png(r), r.case_id)}</figure>" for r in rows] or \
         ['<p class="note">no cases</p>']
     created = generation_time()
     doc = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"

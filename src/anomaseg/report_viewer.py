@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from anomaseg.report import escape_html, mpl_text, png_data_uri
+from anomaseg.report_html import escape_html, mpl_text, png_data_uri
 
 MAX_VIEWERS = 8  # cases with a slice viewer in one report (half best, half worst by Dice)
 MAX_SIDE = 128  # slices are shown at model size, downsampled to at most this many pixels

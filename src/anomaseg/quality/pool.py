@@ -29,8 +29,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
+from anomaseg.boxes import bounding_box
 from anomaseg.metrics import dice_score
-from anomaseg.postprocess import bounding_box
 
 KINDS = ("erode", "dilate", "shift", "drop", "add", "boundary", "threshold", "combined")
 N_BINS = 10
