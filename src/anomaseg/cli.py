@@ -282,7 +282,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_merge(args) -> int:
     from anomaseg.evaluation import baseline_line
-    from anomaseg.shards import merge_evaluations
+    from anomaseg.merge import merge_evaluations
 
     result = merge_evaluations(args.shards, args.out)
     results = {result["predictor"]: result} if "per_case" in result else result

@@ -33,8 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from anomaseg.atomic import OUTPUT_MARKER, atomic_dir, check_output_dir, write_text
+from anomaseg import shards
+from anomaseg.atomic import write_text
 from anomaseg.data import bids as bids_io
+from anomaseg.dataset_job import Dataset, OutputFolder
 from anomaseg.data.io import load_volume, save_like
 from anomaseg.lesion_metrics import LesionMetrics, case_lesions
 from anomaseg.lesion_sweep import FrocTally
@@ -46,7 +48,7 @@ from anomaseg.report_viewer import MAX_VIEWERS, case_slices
 from anomaseg.run import checkpoint_stamp, load_run_config
 from anomaseg.calibration import resolve_predictors
 from anomaseg.scorer import case_spacing
-from anomaseg.scoring import ScorerSource, bids_output_info, cases_to_score, prepare_one
+from anomaseg.scoring import ScorerSource, bids_output_info, prepare_one
 
 BASELINE = "intensity"  # the predictor every evaluation is compared with
 N_OVERLAYS = 2  # best and worst cases shown in the report
@@ -308,18 +310,12 @@ def evaluate_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path,
     of its segmentation, predicted without the case's ground truth.
     `shard` (index, count): only that share of the cases (`shards.select`), and the state that
     `anomaseg merge` combines exactly with the other shards' (`shards.write_state`)."""
-    from anomaseg import shards
-
-    out_dir = Path(out_dir)
-    check_output_dir(out_dir)
+    output = OutputFolder(out_dir)
     qa = None if qa is None else str(Path(qa).resolve())
     load_assessor(qa)  # a bad QA folder fails here, before any work
     run_dir = str(Path(run_dir).resolve())
     config = load_run_config(run_dir)
-    cases, spec = cases_to_score(run_dir, data, config, require_seg=True, bids=bids)
-    all_ids = [c.case_id for c in cases]
-    if shard is not None:
-        cases = shards.select(cases, shard)
+    dataset = Dataset.find(data, config.data.modalities, require_seg=True, query=bids, shard=shard)
     built = {}  # label -> (source, fitted scorer); calibrated here, once, before any worker starts
     for label, (name, params) in predictor_specs(run_dir, predictors, predictor_params).items():
         source = ScorerSource(run_dir, name, params)
@@ -333,25 +329,24 @@ def evaluate_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path,
         built = {BASELINE: built[BASELINE], **{k: v for k, v in built.items() if k != BASELINE}}
         reported = list(built)
     bids_out = None
-    if save_maps and bids_io.is_bids_root(data):
-        bids_out = (str(Path(data).resolve()),
+    if save_maps and dataset.is_bids:
+        bids_out = (dataset.resolved,
                     {name: bids_output_info(run_dir, config, built[name][1]) for name in reported})
     job = EvaluationJob(run_dir, {name: src for name, (src, _) in built.items()}, tuple(reported), save_maps,
                         bids_out, qa)
-    with atomic_dir(out_dir) as tmp:
+    with output.writing() as tmp:
         scorers = {name: scorer for name, (_, scorer) in built.items()} if workers <= 1 else None
-        parts = run_sharded(evaluate_shard, cases, workers, (job, tmp, scorers), progress, desc="evaluating")
+        parts = run_sharded(evaluate_shard, dataset.cases, workers, (job, tmp, scorers), progress, desc="evaluating")
         tallies, side_by_side = merge_shards(parts)
         if bids_out is not None:
             for name in reported:
                 bids_io.write_description(tmp / "maps" / (name if len(reported) > 1 else ""), Path(data),
                                           f"anomaly maps and segmentations ({name})")
         if shard is not None:  # before the results are written (writing them annotates per-case rows)
-            shards.write_state(tmp, shards.shard_meta(shard, run_dir, checkpoint_stamp(run_dir), data, all_ids,
-                                                      [c.case_id for c in cases], tallies, reported, baseline, qa),
-                               tallies, side_by_side)
+            shards.write_state(tmp, shards.shard_meta(shard, run_dir, checkpoint_stamp(run_dir), data, dataset.all_ids,
+                                                      [c.case_id for c in dataset.cases], tallies, reported, baseline,
+                                                      qa), tallies, side_by_side)
         results = write_evaluation(tmp, tallies, side_by_side, reported, baseline, run_dir, data, qa)
-        (tmp / OUTPUT_MARKER).touch()
     return results[next(iter(results))] if len(results) == 1 else results
 
 

@@ -15,19 +15,15 @@ from pathlib import Path
 import numpy as np
 
 from anomaseg import config as cfg
-from anomaseg.atomic import OUTPUT_MARKER, atomic_dir, check_output_dir, write_text
+from anomaseg.atomic import write_text
 from anomaseg.calibration import calibrate
+from anomaseg.data import bids as bids_io
 from anomaseg.data.io import load_volume, save_like
-from anomaseg.data.layout import find_cases
+from anomaseg.dataset_job import Dataset, OutputFolder
 from anomaseg.data.slices import CaseCache, SliceSpec, prepare_cases
 from anomaseg.parallel import run_sharded, worker_device
 from anomaseg.run import checkpoint_stamp, load_run_config
 from anomaseg.scorer import Scorer, case_spacing
-
-
-def cases_to_score(run_dir, data, config: cfg.RunConfig, require_seg: bool, bids=None):
-    cases = find_cases(data, config.data.modalities, require_seg=require_seg, bids=bids)
-    return cases, config.data.slice_spec()
 
 
 def prepare_one(case, spec: SliceSpec, config):
@@ -79,7 +75,6 @@ def score_shard(rank: int, cases: list, report, source: ScorerSource, out: Path,
     """Score `cases` into the folder `out` (a worker's share); rows of scores.json, one per case.
     `bids_out`: (BIDS root, sidecar fields) to write BIDS-derivative outputs instead.
     With `qa` (a QA model folder) each row gets the segmentation's predicted Dice."""
-    from anomaseg.data import bids as bids_io
     from anomaseg.quality.assessor import load_assessor
 
     scorer = scorer or source.build(device=worker_device(rank))
@@ -120,8 +115,7 @@ def score_dataset(run_dir: str | Path | None, data: str | Path, out_dir: str | P
     count): only that share of the cases (`shards.select`, for array jobs; scores.json names it)."""
     from anomaseg.quality.assessor import load_assessor
 
-    out_dir = Path(out_dir)
-    check_output_dir(out_dir)
+    output = OutputFolder(out_dir)
     qa = None if qa is None else str(Path(qa).resolve())
     load_assessor(qa)  # a bad QA folder fails here, before any work
     if onnx is not None:
@@ -129,24 +123,17 @@ def score_dataset(run_dir: str | Path | None, data: str | Path, out_dir: str | P
     else:
         params = None if predictor is None else dict((predictor_params or {}).get(predictor, {}))
         source = ScorerSource(str(Path(run_dir).resolve()), predictor, params)
-    spec = source.slice_spec()
-    from anomaseg.data import bids as bids_io
-
-    cases = find_cases(data, spec.modalities, require_seg=False, bids=bids)
-    if shard is not None:
-        from anomaseg.shards import select
-
-        cases = select(cases, shard)
+    dataset = Dataset.find(data, source.slice_spec().modalities, query=bids, shard=shard)
     scorer = source.build(progress)  # calibrates once, here, before any worker starts
     bids_out = None
-    if bids_io.is_bids_root(data) and onnx is None:
-        bids_out = (str(Path(data).resolve()), bids_output_info(run_dir, load_run_config(run_dir), scorer))
-    with atomic_dir(out_dir) as tmp:
-        parts = run_sharded(score_shard, cases, workers,
+    if dataset.is_bids and onnx is None:
+        bids_out = (dataset.resolved, bids_output_info(run_dir, load_run_config(run_dir), scorer))
+    with output.writing() as tmp:
+        parts = run_sharded(score_shard, dataset.cases, workers,
                             (source, tmp, scorer if workers <= 1 else None, bids_out, qa), progress, desc="scoring")
         rows = sorted((row for part in parts for row in part), key=lambda r: r["case_id"])
         summary = {"run": None if onnx is not None else str(Path(run_dir).resolve()),
-                   "onnx": None if onnx is None else str(Path(onnx).resolve()), "data": str(Path(data).resolve()),
+                   "onnx": None if onnx is None else str(Path(onnx).resolve()), "data": dataset.resolved,
                    "predictor": scorer.predictor.name, "threshold": scorer.post.threshold_, "cases": rows}
         if qa is not None:
             summary["qa"] = qa
@@ -155,5 +142,4 @@ def score_dataset(run_dir: str | Path | None, data: str | Path, out_dir: str | P
         write_text(tmp / "scores.json", json.dumps(summary, indent=1))
         if bids_out is not None:
             bids_io.write_description(tmp, Path(data), "anomaly maps and segmentations")
-        (tmp / OUTPUT_MARKER).touch()
     return rows

@@ -1,11 +1,11 @@
-"""Array jobs: one share of the cases per task (`--shard I/N`, `--shard slurm`), and the exact merge
-of the tasks' evaluations (`anomaseg merge`).
+"""Array jobs: one share of the cases per task (`--shard I/N`, `--shard slurm`), and the state an
+`evaluate --shard` task leaves for the exact merge of the tasks' evaluations (`merge.py`, `anomaseg merge`).
 
 A shard is a deterministic share of the cases, found by each task alone: the case ids sorted, every
 N-th from the I-th (as `--workers` deals them). `evaluate --shard` writes its share's usual outputs
 plus SHARD_META (JSON: shard, run, checkpoint, data and its case list, predictors, thresholds,
 options) and SHARD_STATE: what `evaluation.PredictorTally` accumulated for every predictor, and the
-report's side-by-side rows. `merge_evaluations` checks that the shards belong to one evaluation and
+report's side-by-side rows. `merge.merge_evaluations` checks that the shards belong to one evaluation and
 are all there, merges the tallies in shard order with `PredictorTally.merge` (the merge `--workers`
 uses: exact) and writes through `evaluation.write_evaluation`, as `evaluate` does, so metrics.json
 and report.html equal those of one `evaluate` over all cases.
@@ -20,7 +20,7 @@ import os
 import pickle
 from pathlib import Path
 
-from anomaseg.atomic import OUTPUT_MARKER, atomic_dir, check_output_dir, write_bytes, write_text
+from anomaseg.atomic import write_bytes, write_text
 from anomaseg.errors import InputError
 
 SHARD_META = "shard.json"
@@ -164,26 +164,3 @@ def check_complete(folders: list[Path], metas: list[dict]) -> None:
     ids = sorted(i for meta in metas for i in meta["cases"])
     if len(ids) != ref["cases_total"] or cases_digest(ids) != ref["cases_digest"]:
         raise InputError(None, "the shards' cases do not add up to the evaluation's case list")
-
-
-def merge_evaluations(folders: list[str | Path], out_dir: str | Path) -> dict:
-    """metrics.json and report.html (or one folder per predictor and summaries) of the shards'
-    cases, as one `evaluate` over all of them writes them. Returns what `evaluate_dataset` returns."""
-    from anomaseg.evaluation import merge_shards, write_evaluation
-
-    out_dir = Path(out_dir)
-    folders = [Path(f) for f in folders]
-    if not folders:
-        raise InputError(None, "merge: no shard folders given")
-    check_output_dir(out_dir)
-    states = [read_state(f) for f in folders]
-    metas = [s[0] for s in states]
-    check_complete(folders, metas)
-    order = sorted(range(len(folders)), key=lambda k: metas[k]["shard"][0])
-    tallies, side_by_side = merge_shards([(states[k][1], states[k][2]) for k in order])
-    ref = metas[0]
-    with atomic_dir(out_dir) as tmp:
-        results = write_evaluation(tmp, tallies, side_by_side, ref["reported"], ref["baseline"], ref["run"],
-                                   ref["data"], ref["qa"])
-        (tmp / OUTPUT_MARKER).touch()
-    return results[next(iter(results))] if len(results) == 1 else results

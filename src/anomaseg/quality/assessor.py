@@ -378,16 +378,15 @@ def predict_folders(qa: str | Path, data: str | Path, segmentations: list[str | 
 
     from tqdm.auto import tqdm
 
-    from anomaseg.atomic import OUTPUT_MARKER, atomic_dir, check_output_dir
+    from anomaseg.dataset_job import Dataset, OutputFolder
 
-    out = Path(out)
-    check_output_dir(out)
+    output = OutputFolder(out)
     if not segmentations:
         raise InputError(None, "no segmentation folder given (--segmentations)")
     assessor = QualityAssessor.load(qa)
     variant = variant or assessor.default_variant
     assessor.pipeline(variant)  # an unknown variant fails before any work
-    cases = [strip_truth(c) for c in find_cases(data, assessor.config.modalities)]
+    cases = [strip_truth(c) for c in Dataset.find(data, assessor.config.modalities).cases]
     ids = [c.case_id for c in cases]
     found = [find_candidates(folder, ids) for folder in segmentations]
     check_candidates([c for f in found for c in f.values()], {c.case_id: c for c in cases}, assessor.config.modalities[0])
@@ -412,8 +411,7 @@ def predict_folders(qa: str | Path, data: str | Path, segmentations: list[str | 
     summary = {"qa": str(Path(qa).resolve()), "variant": variant, "data": str(Path(data).resolve()),
                "segmentations": [str(Path(s).resolve()) for s in segmentations],
                "cases_without_segmentation": missing, "predictions": rows}
-    with atomic_dir(out) as tmp:
+    with output.writing() as tmp:
         write_text(tmp / "predictions.json", json.dumps(summary, indent=1))
         write_text(tmp / "predictions.csv", buffer.getvalue())
-        (tmp / OUTPUT_MARKER).touch()
     return rows
