@@ -1,5 +1,6 @@
 """The patched DDPM (pDDPM): its patch grid, what the U-Net sees in training and at test time, the
-x0 of its diffusion steps, its anomaly map after a short training, and exact resume in the loop."""
+x0 of its diffusion steps, its anomaly map after a short training, exact resume in the loop, and
+its ONNX export."""
 
 from __future__ import annotations
 
@@ -243,3 +244,27 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
     for p, state in b["optimizers"]["model"]["state"].items():
         assert all(torch.equal(a["optimizers"]["model"]["state"][p][n], v) for n, v in state.items())
+
+
+@pytest.mark.slow
+def test_onnx_graph_computes_the_pytorch_map():
+    """The test-time noise and patch masks are constants of the exported graph: ONNX Runtime
+    computes the PyTorch residual map, for any batch size."""
+    import onnxruntime as ort
+
+    from anomaseg.export import INPUT, OUTPUT, onnx_graph
+    from anomaseg.inference import inference_copy
+
+    torch.manual_seed(0)
+    model = create_model("pddpm", tiny=True, image_size=32, in_channels=2).eval()
+    predictor = create_predictor("residual", polarity="auto").set_modalities(["flair", "t1"])
+    net = inference_copy(model, channels_last=False)
+    session = ort.InferenceSession(onnx_graph(net, predictor, (2, 32, 32)).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        x = torch.rand(batch, 2, 32, 32)
+        with torch.no_grad():
+            want = predictor.anomaly_map(model, x).numpy()
+        got = session.run([OUTPUT], {INPUT: x.numpy()})[0]
+        assert got.shape == (batch, 1, 32, 32)
+        assert abs(got - want).max() <= 1e-4 * float(want.max() - want.min())

@@ -49,9 +49,10 @@ Options beyond the paper's default (off by default):
   mDDPM (masked inputs) are not implemented.
 - `patch_size=image_size`: one patch, the whole slice noised: the paper's plain DDPM baseline.
 
-Determinism: in eval mode the noise comes from a generator seeded with `noise_seed` at every call, and
-one noise field (1, C, H, W) serves every slice of a batch, so a slice's reconstruction does not depend
-on the batch it is scored in. Training draws timesteps, patches and noise from torch's global
+Determinism: the test-time noise fields (one per ensemble member) are drawn once, when the model is
+built, from a generator seeded with `noise_seed` (a non-persistent buffer, so an exported graph holds
+them as constants), and one field serves every slice of a batch, so a slice's reconstruction does not
+depend on the batch it is scored in. Training draws timesteps, patches and noise from torch's global
 generators, which the training loop re-seeds per step (`training.seed_phase`), so a resumed run draws
 what the uninterrupted one drew.
 """
@@ -134,6 +135,12 @@ class PatchedDDPM(AnomalyModel):
         self.ddim = DDIMScheduler(num_train_timesteps=num_train_timesteps, schedule=schedule,
                                   prediction_type=OBJECTIVES[objective], clip_sample=False)
         self.num_train_timesteps = int(num_train_timesteps)
+        # the test-time noise fields and patch masks at the model's size, made once from `noise_seed`
+        # (not saved: rebuilt identically with the model); constants to a traced or exported graph
+        generator = torch.Generator().manual_seed(self.noise_seed)
+        size = (self.ensemble, in_channels, self.image_size, self.image_size)
+        self.register_buffer("test_noise", torch.randn(size, generator=generator), persistent=False)
+        self.register_buffer("test_masks", self.patch_masks(self.image_size, self.image_size), persistent=False)
 
     # -- patches ----------------------------------------------------------------------------------
 
@@ -181,15 +188,17 @@ class PatchedDDPM(AnomalyModel):
     def reconstruct_patched(self, x: torch.Tensor) -> torch.Tensor:
         """The stitched reconstruction of x (B, C, H, W in [0, 1] scale), float32, averaged over
         `ensemble` noise draws and over overlapping patches."""
-        b, c, h, w = x.shape
         x0 = x.float() * 2 - 1
-        masks = self.patch_masks(h, w, x.device)
+        noise, masks = self.test_noise, self.test_masks
+        if tuple(x.shape[-2:]) != tuple(masks.shape[-2:]):  # another size than the model's: the same draws
+            c, h, w = x.shape[1:]
+            generator = torch.Generator().manual_seed(self.noise_seed)
+            noise = torch.randn((self.ensemble, c, h, w), generator=generator).to(x.device)
+            masks = self.patch_masks(h, w, x.device)
         cover = masks.sum(0).float()  # (1, H, W) patches per pixel
-        generator = torch.Generator().manual_seed(self.noise_seed)
         total = torch.zeros_like(x0)
-        for _ in range(self.ensemble):
-            noise = torch.randn((1, c, h, w), generator=generator).to(x.device)
-            rec = self.denoise_patches(x0, noise, masks)
+        for e in range(self.ensemble):
+            rec = self.denoise_patches(x0, noise[e:e + 1].float(), masks)
             total = total + (rec * masks.unsqueeze(1)).sum(0)
         return (total / (cover * self.ensemble) + 1) / 2
 
