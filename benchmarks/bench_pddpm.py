@@ -1,9 +1,9 @@
 """CPU cost of the patched DDPM preset (configs/behrendt2023_pddpm.yaml, 64 px, one channel):
 training slices per CPU second in NCHW / NHWC, fp32 / bf16 autocast (what decides
 `PatchedDDPM.prefers_channels_last`), and scoring CPU milliseconds per slice of the stitched
-reconstruction (the inference copy, as the Scorer runs it) for the preset and its options
-(DDIM steps; a noise ensemble of K costs K times the preset). One torch thread; CPU time (`time.process_time`), so a shared machine
-inflates it less than wall time; configurations interleaved, medians of `--repeats`.
+reconstruction (the inference copy, as the Scorer runs it) for the preset and for DDIM steps (a noise
+ensemble of K draws costs K times the preset). One torch thread; CPU time (`time.process_time`), so
+a shared machine inflates it less than wall time; configurations interleaved, medians of `--repeats`.
 
     python benchmarks/bench_pddpm.py [--repeats 3] [--out benchmarks/results/pddpm_speed.json]
 """

@@ -100,7 +100,8 @@ class PatchedDDPM(AnomalyModel):
         super().__init__()
         channels = tuple(int(c) for c in channels)
         if image_size % 2 ** (len(channels) - 1):
-            raise ValueError(f"image_size {image_size} is not divisible by 2**(levels - 1) = {2 ** (len(channels) - 1)}")
+            raise ValueError(f"image_size {image_size} is not divisible by 2**(levels - 1) = "
+                             f"{2 ** (len(channels) - 1)}")
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {objective!r}")
         if loss_type not in ("l1", "l2"):
