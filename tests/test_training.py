@@ -4,6 +4,7 @@ import torch
 
 from anomaseg import training
 from anomaseg.cli import main
+from anomaseg.data.splits import split_cases
 from anomaseg.run import RunPaths, load_checkpoint, load_model
 from conftest import tiny_train_args
 
@@ -68,19 +69,19 @@ def test_labelled_training_data_is_refused(lesioned_dir, tmp_path, capsys):
 
 
 def test_split_holds_out_whole_cases():
-    train, val = training.split_cases([f"c{i}" for i in range(10)], 0.2, seed=0)
+    train, val = split_cases([f"c{i}" for i in range(10)], 0.2, seed=0)
     assert len(val) == 2 and len(train) == 8 and not set(train) & set(val)
-    assert training.split_cases(["only"], 0.2, 0) == (["only"], [])
+    assert split_cases(["only"], 0.2, 0) == (["only"], [])
 
 
 def test_split_holds_out_whole_subjects_with_all_their_sessions():
     ids = [f"sub-{s:02d}_ses-{t}" for s in range(10) for t in (1, 2, 3)] + ["sub-10"]
     for seed in range(5):
-        train, val = training.split_cases(ids, 0.2, seed)
+        train, val = split_cases(ids, 0.2, seed)
         subjects = lambda cases: {c.split("_")[0] for c in cases}  # noqa: E731
         assert sorted(train + val) == sorted(ids) and not subjects(train) & subjects(val)
         assert len(subjects(val)) == 2  # 20% of 11 subjects
-    assert training.split_cases(["sub-01_ses-1", "sub-01_ses-2"], 0.2, 0) == (["sub-01_ses-1", "sub-01_ses-2"], [])
+    assert split_cases(["sub-01_ses-1", "sub-01_ses-2"], 0.2, 0) == (["sub-01_ses-1", "sub-01_ses-2"], [])
 
 
 def test_cosine_schedule_is_stateless_and_decays_to_zero():

@@ -111,8 +111,7 @@ def cmd_phantom(args) -> int:
 def cmd_train(args) -> int:
     from anomaseg import config as cfg
     from anomaseg.run import RunPaths
-    from anomaseg.calibration import calibrate
-    from anomaseg.training import LAUNCH_KEYS, seed_phase, train
+    from anomaseg.training import LAUNCH_KEYS, train_and_calibrate
 
     overrides = _overrides(args)
     saved = RunPaths(Path(args.out)).config
@@ -137,11 +136,10 @@ def cmd_train(args) -> int:
     cfg.check_model_and_predictor(config)
     _check_precision(config.train.precision)
     launch = {k: getattr(args, k) for k in LAUNCH_KEYS} if args.resume else None  # may change on resume
-    summary = train(config, args.out, resume=args.resume, epochs=args.epochs if args.resume else None, launch=launch)
-    if summary["global_rank"] != 0:  # the other training processes of a multi-process run end here
+    summary, scorer = train_and_calibrate(config, args.out, resume=args.resume,
+                                          epochs=args.epochs if args.resume else None, launch=launch)
+    if scorer is None:  # the other training processes of a multi-process run end here
         return 0
-    seed_phase(config.train.seed, "calibration")  # a calibration repeated after a kill draws the same
-    scorer = calibrate(args.out, force=True)
     if config.score.calibration == "fp_lesions":
         rule = (f"with lesions of >= {scorer.post.min_lesion_ml_:g} ml: {scorer.post.healthy_fp_lesions_:.2f} "
                 f"false-positive lesions per held-out healthy case")

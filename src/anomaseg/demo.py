@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 
 from anomaseg import config as cfg
-from anomaseg.calibration import calibrate
 from anomaseg.data.phantom import make_phantom
 from anomaseg.evaluation import baseline_line, evaluate_dataset, lesion_summary
-from anomaseg.training import train
+from anomaseg.training import train_and_calibrate
 
 # What the demo runs: Baur et al.'s spatial VAE on FLAIR + T2 at 64 px, sized to finish in about 5
 # minutes on a 2-core CPU, with the library's default beta (0.05, stated here so the demo stays the
@@ -55,8 +54,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, progress: bool
     print(f"[2/3] training {config.model.name} on healthy {' + '.join(m.upper() for m in plan['modalities'])} "
           f"slices ({plan['epochs']} epochs)")
     t = time.perf_counter()
-    train(config, run, progress=progress)
-    calibrate(run, progress=progress, force=True)
+    train_and_calibrate(config, run, progress=progress)
     timings["train"] = time.perf_counter() - t
 
     print("[3/3] evaluating on the lesioned subjects")

@@ -103,3 +103,37 @@ def disagreeing_ranks(digest: str) -> list[int]:
     digests: list = [None] * world_size()
     dist.all_gather_object(digests, digest)
     return [r for r, d in enumerate(digests) if d != digests[0]]
+
+
+# --------------------------------------------------------------------------- an epoch's loss sums
+def gather_sums(sums: dict, world: int) -> list[dict[str, float]]:
+    """Every process's running loss sums of the epoch, rank by rank."""
+    local = {k: float(v) for k, v in sums.items()}
+    if world == 1:
+        return [local]
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, local)
+    return gathered
+
+
+def restore_sums(saved, rank: int, world: int) -> dict:
+    """This process's running sums from a mid-epoch checkpoint. Saved by as many processes: its
+    own; by another number: every process starts from the mean of the saved sums, which keeps the
+    epoch's mean over processes right."""
+    if isinstance(saved, dict):  # one process (checkpoints of the first exact-resume version)
+        saved = [saved]
+    if not saved:
+        return {}
+    if len(saved) == world:
+        return dict(saved[rank])
+    return {k: sum(s.get(k, 0.0) for s in saved) / len(saved) for k in saved[0]}
+
+
+def mean_over_processes(sums: dict, world: int) -> dict[str, float]:
+    """Per-key mean of `sums` over processes (one all-reduce)."""
+    if world == 1:
+        return {k: float(v) for k, v in sums.items()}
+    keys = list(sums)  # the same order in every process (the same model logs the same terms)
+    values = torch.tensor([float(sums.get(k, 0.0)) for k in keys], dtype=torch.float64)
+    all_reduce_mean_([values])
+    return dict(zip(keys, values.tolist()))

@@ -43,11 +43,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
 import signal
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -55,9 +53,11 @@ import torch
 
 from anomaseg import config as cfg
 from anomaseg import distributed, threads
-from anomaseg.atomic import atomic_path, output_lock, write_text
+from anomaseg.atomic import output_lock, write_text
+from anomaseg.calibration import calibrate
 from anomaseg.compilation import StepCompiler, compile_mode
 from anomaseg.data.layout import find_cases
+from anomaseg.data.splits import split_cases
 from anomaseg.data import store
 from anomaseg.data.slices import CaseCache
 from anomaseg.errors import InputError, Stopped
@@ -66,30 +66,14 @@ from anomaseg.faults import kill_point
 from anomaseg.models.base import recalibrate_batchnorm
 from anomaseg.run import RunPaths, load_resume_checkpoint, load_run_config, save_checkpoint, weights_digest
 from anomaseg.runtime import fabric_precision
+from anomaseg.sample_images import sample_grid, write_png
+from anomaseg.scorer import Scorer
+from anomaseg.seeding import seed_all, seed_phase
 
 CHECKPOINT_SECONDS = 300  # also checkpoint mid-epoch after this long, so long epochs can resume
 BN_BATCHES = 32  # training batches used to re-estimate BatchNorm statistics after each epoch
 PROGRESS_EVERY = 10  # steps between progress-bar loss updates (each one waits for the device)
 TIMED_CHECKPOINT_SYNC_STEPS = 16  # several processes agree on a timed checkpoint every this many steps
-PHASES = ("train", "bn", "validation", "samples", "calibration")  # independent random streams
-
-
-def split_cases(case_ids: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Hold out whole subjects (never slices of a training case, never one session of a subject
-    whose other sessions train) for validation and calibration."""
-    from anomaseg.data.bids import subject_of
-
-    ids = sorted(case_ids)
-    subjects: dict[str, list[str]] = {}
-    for cid in ids:
-        subjects.setdefault(subject_of(cid), []).append(cid)
-    if len(subjects) < 2 or val_fraction <= 0:
-        return ids, []
-    shuffled = sorted(subjects)
-    random.Random(seed).shuffle(shuffled)
-    n_val = min(len(shuffled) - 1, max(1, round(val_fraction * len(shuffled))))
-    val = [cid for subject in shuffled[:n_val] for cid in subjects[subject]]
-    return sorted(set(ids) - set(val)), sorted(val)
 
 
 def scheduled_lr(base: float, schedule: str, step: int, total: int) -> float:
@@ -105,33 +89,6 @@ def training_memory_format(model, channels_last: bool | str, device: str) -> tor
     if channels_last == "auto":
         channels_last = device == "cuda" or getattr(model, "prefers_channels_last", True)
     return torch.channels_last if channels_last else torch.contiguous_format
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def model_generators(model: torch.nn.Module) -> list[tuple[str, torch.Generator]]:
-    """The `torch.Generator`s a model keeps as attributes of its modules (e.g. for its own noise)."""
-    return [(f"{prefix}.{attr}" if prefix else attr, value)
-            for prefix, module in model.named_modules()
-            for attr, value in vars(module).items() if isinstance(value, torch.Generator)]
-
-
-def seed_phase(seed: int, phase: str, epoch: int = 0, step: int = 0, rank: int = 0,
-               model: torch.nn.Module | None = None) -> None:
-    """Re-seed torch, numpy, python and the model's own generators from (seed, phase, epoch, step,
-    rank): what a phase draws never depends on what ran before it in the process, so a resumed run
-    draws exactly what the uninterrupted run drew (and each process of a multi-process run its own)."""
-    words = np.random.SeedSequence([seed, PHASES.index(phase), epoch, step, rank]).generate_state(4)
-    torch.manual_seed(int(words[0]) << 32 | int(words[1]))
-    np.random.seed(int(words[2]))
-    random.seed(int(words[3]))
-    for name, gen in model_generators(model) if model is not None else ():
-        entropy = [seed, PHASES.index(phase), epoch, step, rank, zlib.crc32(name.encode())]
-        gen.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]))
 
 
 class StopSignals:
@@ -170,22 +127,6 @@ class StopSignals:
         flag = torch.tensor([float(self.received or 0)])
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return int(flag.item()) or None
-
-
-def _sample_grid(images: torch.Tensor, recons: torch.Tensor) -> np.ndarray:
-    """Inputs (top row) over reconstructions (bottom row), first channel, anterior up, uint8."""
-    def row(t):
-        t = t[:, 0].float().clamp(0, 1.5) / 1.5
-        return torch.cat([s.T.flip(0) for s in t], dim=1)  # RAS slice (x, y) -> display (y up, x right)
-    grid = torch.cat([row(images), row(recons)], dim=0)
-    return (grid.numpy() * 255).round().astype(np.uint8)
-
-
-def _write_png(path: Path, array: np.ndarray) -> None:
-    from PIL import Image
-
-    with atomic_path(path, suffix=".png") as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
 
 
 class Trainer:
@@ -308,7 +249,7 @@ class Trainer:
 
     def _setup_model(self, fabric, state, in_channels: int, size: int):
         c = self.config
-        _seed_all(c.train.seed)  # weight initialisation
+        seed_all(c.train.seed)  # weight initialisation
         model = self.build_model(in_channels, size)
         self.hparams = model.hparams
         self.memory_format = training_memory_format(model, c.train.channels_last, fabric.device.type)
@@ -388,7 +329,7 @@ class Trainer:
             gen = torch.Generator().manual_seed(c.train.seed * 100_003 + epoch)
             perm = torch.randperm(len(train_x), generator=gen)
             first = start_step if epoch == start_epoch else 0
-            sums = _restore_sums(state.get("epoch_sums"), rank, world) if state is not None and first else {}
+            sums = distributed.restore_sums(state.get("epoch_sums"), rank, world) if state is not None and first else {}
             t0, threads_at_start = time.perf_counter(), torch.get_num_threads()
             shares = [perm[s * bs:(s + 1) * bs][rank::world].numpy() for s in range(first, steps)]
             loader = store.batches(train_x, shares, c.train.num_workers, pin_memory=fabric.device.type == "cuda")
@@ -423,7 +364,7 @@ class Trainer:
             seconds = time.perf_counter() - t0
             with compiler.eager():
                 self._recalibrate(fabric, model, train_x, bs, to_batch, epoch)
-            sums = _mean_over_processes(sums, world)
+            sums = distributed.mean_over_processes(sums, world)
             record = {"epoch": epoch + 1, **{f"train_{k}": v / steps for k, v in sums.items()},
                       "slices_per_second": (steps - first) * bs / seconds, "threads": torch.get_num_threads()}
             if record["threads"] != threads_at_start:  # a neighbour came or went during the epoch
@@ -507,7 +448,7 @@ class Trainer:
                     epoch_sums=None):
         """best.pt (when improved) before last.pt: last.pt is the commit point of an epoch. Every
         process calls it (the epoch's running sums of all processes go into mid-epoch checkpoints)."""
-        sums = _gather_sums(epoch_sums or {}, fabric.world_size)
+        sums = distributed.gather_sums(epoch_sums or {}, fabric.world_size)
         self._last_save = time.monotonic()
         if not fabric.is_global_zero:
             return
@@ -529,7 +470,7 @@ class Trainer:
         with fabric.autocast():
             recon = model(to_batch(shown)).recon.float().cpu()
         model.train()
-        _write_png(self.paths.samples / f"epoch_{epoch:03d}.png", _sample_grid(shown.float(), recon))
+        write_png(self.paths.samples / f"epoch_{epoch:03d}.png", sample_grid(shown.float(), recon))
 
 
 def _stopped(signum: int, epoch: int, steps_done: int, paths: RunPaths) -> Stopped:
@@ -550,39 +491,6 @@ def resumed_compile_mode(mode, state: dict | None):
     if compile_mode(mode) != "auto" or decided is None:
         return mode
     return "on" if decided else "off"
-
-
-def _gather_sums(sums: dict, world: int) -> list[dict[str, float]]:
-    """Every process's running loss sums of the epoch, rank by rank."""
-    local = {k: float(v) for k, v in sums.items()}
-    if world == 1:
-        return [local]
-    gathered: list = [None] * world
-    torch.distributed.all_gather_object(gathered, local)
-    return gathered
-
-
-def _restore_sums(saved, rank: int, world: int) -> dict:
-    """This process's running sums from a mid-epoch checkpoint. Saved by as many processes: its
-    own; by another number: every process starts from the mean of the saved sums, which keeps the
-    epoch's mean over processes right."""
-    if isinstance(saved, dict):  # one process (checkpoints of the first exact-resume version)
-        saved = [saved]
-    if not saved:
-        return {}
-    if len(saved) == world:
-        return dict(saved[rank])
-    return {k: sum(s.get(k, 0.0) for s in saved) / len(saved) for k in saved[0]}
-
-
-def _mean_over_processes(sums: dict, world: int) -> dict[str, float]:
-    """Per-key mean of `sums` over processes (one all-reduce)."""
-    if world == 1:
-        return {k: float(v) for k, v in sums.items()}
-    keys = list(sums)  # the same order in every process (the same model logs the same terms)
-    values = torch.tensor([float(sums.get(k, 0.0)) for k in keys], dtype=torch.float64)
-    distributed.all_reduce_mean_([values])
-    return dict(zip(keys, values.tolist()))
 
 
 LAUNCH_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "threads")  # how to run, not what to train
@@ -613,3 +521,16 @@ def train(config: cfg.RunConfig, run_dir: str | Path, resume: bool = False, prog
     with contextlib.nullcontext() if distributed.started_by_launcher() else output_lock(run_dir), \
             StopSignals() as stop:
         return Trainer(config, run_dir, progress=progress, stop=stop).fit(resume=resume)
+
+
+def train_and_calibrate(config: cfg.RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
+                        epochs: int | None = None, launch: dict | None = None) -> tuple[dict, Scorer | None]:
+    """Train (or resume) a run (`train`), then fit its scorer on the run's held-out healthy cases
+    (`calibration.calibrate`, the "calibration" random stream, so a calibration repeated after a kill
+    draws the same). Returns (training summary, fitted Scorer); the Scorer is None in the other
+    processes of a multi-process run (rank 0 calibrates). `anomaseg train` and the demo both run this."""
+    summary = train(config, run_dir, resume=resume, progress=progress, epochs=epochs, launch=launch)
+    if summary["global_rank"] != 0:
+        return summary, None
+    seed_phase(config.train.seed, "calibration")
+    return summary, calibrate(run_dir, progress=progress, force=True)

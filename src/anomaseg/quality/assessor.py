@@ -36,6 +36,7 @@ from anomaseg.data import store
 from anomaseg.data.io import Volume, load_volume
 from anomaseg.data.cases import Case
 from anomaseg.data.layout import find_cases
+from anomaseg.data.splits import split_cases
 from anomaseg.data.slices import CaseCache, PreparedCase, SliceSpec
 from anomaseg.errors import InputError
 from anomaseg.metrics import dice_score
@@ -47,7 +48,7 @@ from anomaseg.quality.pool import fill_pool
 from anomaseg.quality.samples import (assessed_slices, clean_samples, rec_samples, reg_samples, slice_areas,
                                       soft_slices, with_inputs)
 from anomaseg.run import load_checkpoint, scoring_checkpoint
-from anomaseg.training import Trainer, split_cases
+from anomaseg.training import Trainer
 
 QA_FILE, POOL_FILE = "qa.json", "pool.json"
 FORMAT_VERSION = 1
