@@ -18,7 +18,7 @@ harmless. Points used by training (epochs and steps count from 1, as in history.
     calibration       calibration fitted, calibration.json not yet written
 
 `signal=NAME` in the variable sends that signal instead of SIGKILL (`...,signal=TERM` or `USR1`), to
-test what the process does with a scheduler's signals (`training.StopSignals`).
+test what the process does with a scheduler's signals (`stop_signals.StopSignals`).
 """
 
 from __future__ import annotations

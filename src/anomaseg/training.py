@@ -43,8 +43,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -60,7 +58,7 @@ from anomaseg.data.layout import find_cases
 from anomaseg.data.splits import split_cases
 from anomaseg.data import store
 from anomaseg.data.slices import CaseCache
-from anomaseg.errors import InputError, Stopped
+from anomaseg.errors import InputError
 from anomaseg.models import create_model
 from anomaseg.faults import kill_point
 from anomaseg.models.base import recalibrate_batchnorm
@@ -69,11 +67,11 @@ from anomaseg.runtime import fabric_precision
 from anomaseg.sample_images import sample_grid, write_png
 from anomaseg.scorer import Scorer
 from anomaseg.seeding import seed_all, seed_phase
+from anomaseg.stop_signals import TIMED_CHECKPOINT_SYNC_STEPS, StopSignals, stopped_error
 
 CHECKPOINT_SECONDS = 300  # also checkpoint mid-epoch after this long, so long epochs can resume
 BN_BATCHES = 32  # training batches used to re-estimate BatchNorm statistics after each epoch
 PROGRESS_EVERY = 10  # steps between progress-bar loss updates (each one waits for the device)
-TIMED_CHECKPOINT_SYNC_STEPS = 16  # several processes agree on a timed checkpoint every this many steps
 
 
 def scheduled_lr(base: float, schedule: str, step: int, total: int) -> float:
@@ -89,44 +87,6 @@ def training_memory_format(model, channels_last: bool | str, device: str) -> tor
     if channels_last == "auto":
         channels_last = device == "cuda" or getattr(model, "prefers_channels_last", True)
     return torch.channels_last if channels_last else torch.contiguous_format
-
-
-class StopSignals:
-    """SIGTERM (preemption, `scancel`, a time limit's end) and SIGUSR1 (SLURM's warning before the
-    time limit, `--signal=USR1@90`) ask a run to stop: the handler only notes the signal; the loop
-    writes a checkpoint at the next step boundary (or right after an epoch's own checkpoint) and
-    raises `errors.Stopped`. With several processes they agree on it every
-    TIMED_CHECKPOINT_SYNC_STEPS steps (any process's signal stops all), as for timed checkpoints."""
-
-    SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous: dict = {}
-
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._note)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-    def _note(self, signum, frame) -> None:
-        self.received = self.received or signum
-
-    def requested(self, global_step: int, world: int, sync: bool = False) -> int | None:
-        """The signal to stop on, if one came (agreed by every process)."""
-        if world == 1:
-            return self.received
-        if not sync and global_step % TIMED_CHECKPOINT_SYNC_STEPS:
-            return None
-        flag = torch.tensor([float(self.received or 0)])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return int(flag.item()) or None
 
 
 class Trainer:
@@ -356,7 +316,7 @@ class Trainer:
                     signum = self.stop.requested(epoch * steps + step + 1, world)
                     if signum:
                         self._checkpoint(fabric, model, optimizers, epoch, step + 1, history, best_val, epoch_sums=sums)
-                        raise _stopped(signum, epoch + 1, step + 1, paths)
+                        raise stopped_error(signum, epoch + 1, step + 1, paths)
                     if step + 1 < steps and self._checkpoint_due(epoch * steps + step + 1, every, world):
                         self._checkpoint(fabric, model, optimizers, epoch, step + 1, history, best_val, epoch_sums=sums)
             if fabric.device.type == "cuda":  # the epoch's time includes the work still queued on the GPU
@@ -387,7 +347,7 @@ class Trainer:
             summary = record
             signum = self.stop.requested(0, world, sync=True) if epoch + 1 < c.train.epochs else None
             if signum:
-                raise _stopped(signum, epoch + 1, 0, paths)
+                raise stopped_error(signum, epoch + 1, 0, paths)
         if world > 1:
             fabric.barrier()
         return {"history": history, "best_val_loss": best_val, "global_rank": rank, **summary}
@@ -471,12 +431,6 @@ class Trainer:
             recon = model(to_batch(shown)).recon.float().cpu()
         model.train()
         write_png(self.paths.samples / f"epoch_{epoch:03d}.png", sample_grid(shown.float(), recon))
-
-
-def _stopped(signum: int, epoch: int, steps_done: int, paths: RunPaths) -> Stopped:
-    where = f"after step {steps_done} of epoch {epoch}" if steps_done else f"after epoch {epoch}"
-    return Stopped(signum, f"{signal.Signals(signum).name}: stopped {where} with a checkpoint in "
-                           f"{paths.last}; the same command with --resume continues the run")
 
 
 def compile_decision(compiler: StepCompiler) -> bool | None:
