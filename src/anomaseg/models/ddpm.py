@@ -53,7 +53,7 @@ Determinism: the test-time noise fields (one per ensemble member) are drawn once
 built, from a generator seeded with `noise_seed` (a non-persistent buffer, so an exported graph holds
 them as constants), and one field serves every slice of a batch, so a slice's reconstruction does not
 depend on the batch it is scored in. Training draws timesteps, patches and noise from torch's global
-generators, which the training loop re-seeds per step (`training.seed_phase`), so a resumed run draws
+generators, which the training loop re-seeds per step (`seeding.seed_phase`), so a resumed run draws
 what the uninterrupted one drew.
 """
 
