@@ -226,6 +226,7 @@ def policy_benchmark(args) -> None:
         for r in range(args.repeats):
             for scenario in scenarios:
                 jobs = workloads(args, scenario, phantom, run, work, limits.cap, quota)
+                jobs = jobs if r % 2 == 0 else jobs[::-1]  # alternate the order: no configuration always runs first
                 for name, job in jobs:
                     hog = start_neighbour(scenario) if scenario in NEIGHBOURS else None
                     try:

@@ -283,9 +283,10 @@ def test_preprocess_runs_as_many_cases_at_once_as_the_cap_allows(monkeypatch):
 
 def test_training_lowers_its_threads_when_a_neighbour_comes_and_logs_it_once(healthy_dir, tmp_path, auto,
                                                                              monkeypatch, capsys):
-    readings = iter([0])  # free at the start, then every CPU busy
-    monkeypatch.setattr(threads, "busy_cpus", lambda interval=0.1: next(readings, 64))
+    monkeypatch.setattr(threads, "busy_cpus", lambda interval=0.1: 0)  # free at the start
+    monkeypatch.setattr(threads.BusySample, "busy", lambda self: 64)  # then every CPU busy
     monkeypatch.setattr(threads, "CHECK_EVERY_S", 0.0)  # a periodic check at every step
+    monkeypatch.setattr(threads, "SAMPLE_S", 0.0)  # each measured over one step
     monkeypatch.setattr(threads, "cpu_limits", lambda: threads.CpuLimits(affinity=2))
     assert main(tiny_train_args(healthy_dir, tmp_path / "run", 2)) == 0
     out = capsys.readouterr().out

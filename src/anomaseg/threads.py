@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Callable
 
 THREADS_ENV = "ANOMASEG_THREADS"
-CHECK_EVERY_S = 30.0  # periodic busy-CPU check while adapting (one check sleeps MEASURE_S)
-MEASURE_S = 0.1
+CHECK_EVERY_S = 30.0  # periodic busy-CPU check while adapting
+MEASURE_S = 0.1  # a check at start sleeps this long
+SAMPLE_S = 0.25  # a check while the loop runs spans its steps for this long (costs no sleep)
 SLOW_FACTOR = 2.0  # a step this much slower than the running median triggers a check
 WINDOW = 20  # steps in the running median
 MIN_STEPS = 5  # steps at the current count before a slow step can trigger a check
@@ -158,20 +159,36 @@ def _cpu_times(cpus: set[int]) -> tuple[int, int] | None:
     return (busy, total) if total else None
 
 
+class BusySample:
+    """A measurement of the CPUs other work keeps busy, over an interval this process may spend
+    working: the busy time of the affinity set's CPUs (/proc/stat) less this process's own CPU
+    time, in CPUs. Only the CPUs of the affinity set count, so a container pinned to a few CPUs of
+    a large host sees its own."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.cpus, self.clock = affinity_cpus(), clock
+        self.start, self.before, self.own_before = clock(), _cpu_times(self.cpus), time.process_time()
+
+    def elapsed(self) -> float:
+        return self.clock() - self.start
+
+    def busy(self, seconds: float | None = None) -> int | None:
+        """Busy CPUs from the start until now (`seconds` long: default, as the clock says), rounded;
+        None where /proc/stat is unavailable (not Linux)."""
+        after, own = _cpu_times(self.cpus), time.process_time() - self.own_before
+        seconds = self.elapsed() if seconds is None else seconds
+        if self.before is None or after is None or after[1] <= self.before[1] or seconds <= 0:
+            return None
+        share = (after[0] - self.before[0]) / (after[1] - self.before[1])
+        return max(0, int(share * len(self.cpus) - own / seconds + 0.5))
+
+
 def busy_cpus(interval: float = MEASURE_S) -> int | None:
-    """How many of the CPUs this process may run on other work keeps busy: their busy time over
-    `interval` seconds while this thread sleeps, less this process's own CPU time (threads still
-    finishing), in CPUs, rounded. Only the CPUs of the affinity set count, so a container pinned to
-    a few CPUs of a large host sees its own. None where /proc/stat is unavailable (not Linux)."""
-    cpus = affinity_cpus()
-    before, own_before = _cpu_times(cpus), time.process_time()
+    """How many of the CPUs this process may run on other work keeps busy, measured over `interval`
+    seconds while this thread sleeps (`BusySample`)."""
+    sample = BusySample()
     time.sleep(interval)
-    after, own = _cpu_times(cpus), time.process_time() - own_before
-    if before is None or after is None or after[1] <= before[1]:
-        return None
-    share = (after[0] - before[0]) / (after[1] - before[1])
-    others = share * len(cpus) - own / interval
-    return max(0, int(others + 0.5))
+    return sample.busy(interval)
 
 
 def free_threads(cap: int, cpus: int, busy: int | None) -> int:
@@ -247,15 +264,18 @@ def pinned(threads: int | None):
 class ThreadGovernor:
     """The thread count of a long loop. `step(seconds)` after each step (or case): when the step
     took more than SLOW_FACTOR x the running median, or CHECK_EVERY_S have passed, it measures the
-    busy CPUs (MEASURE_S of sleep, so never every step) and moves the thread count to the free
-    CPUs, within the cap; each change is logged once and kept in `changes` ((step, old, new)).
+    busy CPUs over the next steps (a `BusySample` of at least SAMPLE_S, less this process's own CPU
+    time: the loop never waits for it; a `measure` given, e.g. by tests, measures at once) and moves
+    the thread count to the free CPUs, within the cap; each change is logged once and kept in
+    `changes` ((step, old, new)).
     A pinned governor never changes anything."""
 
     def __init__(self, threads: int, cap: int, cpus: int, pinned: bool = False, log: Callable[[str], None] = print,
                  measure: Callable[[], int | None] | None = None, clock: Callable[[], float] = time.monotonic,
                  check_every_s: float | None = None):
         self.threads, self.cap, self.cpus, self.pinned = threads, cap, cpus, pinned
-        self.log, self.measure, self.clock = log, measure or (lambda: busy_cpus()), clock
+        self.log, self.measure, self.clock = log, measure, clock
+        self.sample: BusySample | None = None
         self.check_every_s = CHECK_EVERY_S if check_every_s is None else check_every_s
         self.times: deque[float] = deque(maxlen=WINDOW)
         self.last_check = self.last_slow_check = clock()
@@ -271,12 +291,19 @@ class ThreadGovernor:
         slow = (len(self.times) >= MIN_STEPS and seconds > SLOW_FACTOR * statistics.median(self.times)
                 and now - self.last_slow_check >= SLOW_CHECK_GAP_S)
         self.times.append(seconds)
-        if not (slow or now - self.last_check >= self.check_every_s):
+        if not (slow or self.sample is not None or now - self.last_check >= self.check_every_s):
             return None
-        busy = self.measure()
-        self.last_check = self.clock()
         if slow:
-            self.last_slow_check = self.last_check
+            self.last_slow_check = now
+        if self.measure is None:  # measured over the next steps, while the loop works on
+            if self.sample is None:
+                self.sample = BusySample(self.clock)
+            if self.sample.elapsed() < SAMPLE_S:
+                return None
+            busy, self.sample = self.sample.busy(), None
+        else:
+            busy = self.measure()
+        self.last_check = self.clock()
         new = free_threads(self.cap, self.cpus, busy)
         if new == self.threads:
             return None
