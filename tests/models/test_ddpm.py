@@ -13,6 +13,7 @@ import torch.nn as nn
 from anomaseg.models import create_model
 from anomaseg.models.ddpm import patch_starts
 from anomaseg.predictors import create_predictor
+from synthetic_slices import healthy_slices, planted_blob_auroc
 
 
 def test_patch_grid_tiles_the_slice_and_spreads_overlapping_patches_evenly():
@@ -138,39 +139,8 @@ def test_ddim_steps_run_from_the_test_step_down_to_zero():
     assert steps == [499, 399, 299, 199, 99]
 
 
-def _healthy(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
-    """Synthetic 'brains': an ellipse (0.6) with a brighter rim (0.8) and two dark ventricles (0.1),
-    random sizes and positions, a little pixel noise."""
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
-                            indexing="ij")
-    out = torch.zeros(n, 1, size, size)
-    for i in range(n):
-        cy, cx = (size / 2 + torch.randn(2, generator=g)).tolist()
-        ry, rx = (size * (0.38 + 0.06 * torch.rand(2, generator=g))).tolist()
-        r = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
-        img = torch.where(r < 1, torch.where(r > 0.7, 0.8, 0.6), 0.0)
-        for side in (-1, 1):
-            vy, vx = cy + torch.randn((), generator=g).item(), cx + side * (2.5 + torch.rand((), generator=g).item())
-            img = torch.where(((yy - vy) / 4.5) ** 2 + ((xx - vx) / 1.6) ** 2 < 1, 0.1, img)
-        out[i, 0] = img + 0.02 * torch.randn(size, size, generator=g) * (img > 0)
-    return out
-
-
 def _blob_auroc(model) -> float:
-    """Pixel AUROC of the bright residual for bright blobs planted in 8 unseen healthy slices."""
-    from sklearn.metrics import roc_auc_score
-
-    x = _healthy(8, seed=11)
-    lesion = torch.zeros_like(x, dtype=torch.bool)
-    yy, xx = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
-    for i in range(len(x)):
-        cy, cx = 11 + (i % 3) * 4, 10 + (i % 4) * 3
-        lesion[i, 0] = ((yy - cy) ** 2 + (xx - cx) ** 2) <= 5
-    x = torch.where(lesion, x + 0.4, x)
-    maps = create_predictor("residual", polarity="bright").anomaly_map(model.eval(), x)
-    brain = x > 0
-    return roc_auc_score(lesion[brain].numpy(), maps[brain].numpy())
+    return planted_blob_auroc(model.eval(), create_predictor("residual", polarity="bright"))
 
 
 def test_residual_ranks_a_planted_bright_blob_above_healthy_tissue_after_a_short_training():
@@ -179,7 +149,7 @@ def test_residual_ranks_a_planted_bright_blob_above_healthy_tissue_after_a_short
     torch.manual_seed(0)
     model = create_model("pddpm", tiny=True, image_size=32)
     untrained = _blob_auroc(model)
-    train = _healthy(64)
+    train = healthy_slices(64)
     opts = model.make_optimizers(3e-3)
     g = torch.Generator().manual_seed(1)
     model.train()
