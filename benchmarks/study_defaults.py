@@ -73,8 +73,20 @@ PREDICTORS = {
     "residual+intensity": ("ensemble", {"members": [{"name": "residual", "params": AUTO}, "intensity"]}, "recon"),
     "grad_elbo": ("grad_elbo", {}, "vae"),
     "grad_elbo_auto": ("grad_elbo", AUTO, "vae"),
+    "grad_elbo+intensity": ("ensemble", {"members": [{"name": "grad_elbo", "params": AUTO}, "intensity"]}, "vae"),
 }
 METRICS = ("pixel_auroc", "pixel_auprc", "dice_best", "dice_at_threshold")
+# lesion-wise metrics at the calibrated threshold (lesion_metrics.py, lesion_sweep.py)
+LESION_METRICS = ("lesion_f1", "lesion_recall", "lesion_precision", "false_positive_lesions_per_case", "froc_score",
+                  "per_volume_dice_mean")
+SIZE_BANDS = ("<0.1 ml", "0.1-1 ml")  # recall per true-lesion volume band (lesion_metrics.SIZE_BIN_NAMES)
+# post-processing rules evaluated in the same pass (`score` overrides of each run; "vox" = the run's own,
+# today's default: 5-voxel median, components < 8 voxels dropped, the 0.5%-healthy-voxel threshold)
+POSTS = {
+    "vox": {},
+    "mm": {"size_units": "mm"},  # 3 mm median (none at 2 mm), components < 0.01 ml dropped, same threshold rule
+    "fpl1": {"calibration": "fp_lesions", "healthy_fp_lesions": 1.0},  # threshold + min volume: <= 1 FP lesion/case
+}
 
 FULL = dict(healthy=40, lesioned=12, epochs=12, batch_size=32, max_steps=None, seeds=[0, 1, 2], sizes=[64, 128], top=2)
 QUICK = dict(healthy=5, lesioned=2, epochs=1, batch_size=16, max_steps=3, seeds=[0, 1], sizes=[32, 64], top=1)
@@ -86,6 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--configs", help=f"comma-separated subset of {', '.join(CONFIGS)}")
     p.add_argument("--settings", help=f"comma-separated subset of {', '.join(SETTINGS)}")
     p.add_argument("--predictors", help="extra registered predictors to evaluate (comma-separated names)")
+    p.add_argument("--labels", help=f"only these of the study's predictor labels: {', '.join(PREDICTORS)}")
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--healthy", type=int)
     p.add_argument("--lesioned", type=int)
@@ -99,6 +112,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lesions", choices=["default", "ms"], default="default",
                    help="ms: lesioned subjects carry realistic MS lesion loads (make_phantom(lesion_load='ms'): "
                         "20-50 mostly 0.01-0.5 ml lesions each); work folder and outputs get the suffix _ms")
+    p.add_argument("--posts", default="vox",
+                   help=f"post-processing rules evaluated on every run, comma-separated subset of {', '.join(POSTS)} "
+                        "(labels get '@rule' except vox; the baseline is evaluated under each rule too)")
     p.add_argument("--work", help="working folder (default benchmarks/results/work_defaults[_quick][_ms])")
     p.add_argument("--resume", action="store_true", help="reuse finished runs")
     p.add_argument("--report", action="store_true", help="only (re)write the tables from finished runs")
@@ -124,22 +140,48 @@ def run_config(config_name: str, setting: str, size: int, seed: int, args, train
     return config
 
 
-def predictor_specs(model, extra: list[str]) -> dict:
+def post_label(label: str, post: str) -> str:
+    return label if post == "vox" else f"{label}@{post}"
+
+
+def predictor_specs(model, extra: list[str], posts: list[str] = ("vox",), labels: list[str] | None = None) -> dict:
+    """{label[@post]: spec} of every predictor the model offers (of `labels`, default all) under every
+    post-processing rule; the baseline under the rules other than the run's own as "intensity@post"."""
     from anomaseg.predictors import model_capabilities
 
     caps = model_capabilities(model)
-    specs = {label: {"name": name, "params": params} for label, (name, params, need) in PREDICTORS.items()
-             if need in caps}
+    base = {label: {"name": name, "params": params} for label, (name, params, need) in PREDICTORS.items()
+            if need in caps and (labels is None or label in labels)}
     for name in extra:
-        specs.setdefault(name, {"name": name, "params": {}})
+        base.setdefault(name, {"name": name, "params": {}})
+    specs = {}
+    for post in posts:
+        chosen = {**base, **({} if post == "vox" else {"intensity": {"name": "intensity", "params": {}}})}
+        for label, spec in chosen.items():
+            specs[post_label(label, post)] = {**spec, **({"score": POSTS[post]} if POSTS[post] else {})}
     return specs
+
+
+def record_metrics(m: dict) -> dict:
+    """What a study record keeps of one predictor's metrics.json."""
+    out = {k: m[k] for k in METRICS}
+    out["image_auroc"] = m["image_auroc"]
+    out.update({k: m.get(k) for k in LESION_METRICS})
+    by_size = m.get("recall_by_lesion_size", {})
+    out["recall_by_size"] = {band: by_size.get(band, {}).get("recall") for band in SIZE_BANDS}
+    out["lesions_by_size"] = {band: by_size.get(band, {}).get("n_lesions") for band in SIZE_BANDS}
+    out["n_true_lesions"] = m.get("n_true_lesions")
+    out["threshold"] = m.get("threshold")
+    out["per_case_dice"] = {r["case_id"]: r["dice"] for r in m["per_case"]}
+    return out
 
 
 def run_key(config_name: str, setting: str, size: int, seed: int) -> str:
     return f"{config_name}__{setting}__{size}px__seed{seed}"
 
 
-def train_and_evaluate(key: str, config: cfg.RunConfig, work: Path, test_dir: Path, extra: list[str]) -> dict:
+def train_and_evaluate(key: str, config: cfg.RunConfig, work: Path, test_dir: Path, extra: list[str],
+                       posts: list[str] = ("vox",), labels: list[str] | None = None) -> dict:
     """Train (afresh) and evaluate one run; returns its record (metrics of every predictor + baseline)."""
     from anomaseg.evaluation import evaluate_dataset
     from anomaseg.run import RunPaths, load_checkpoint, load_model
@@ -152,15 +194,17 @@ def train_and_evaluate(key: str, config: cfg.RunConfig, work: Path, test_dir: Pa
     train(config, run, progress=False)
     train_seconds = time.perf_counter() - t0
     model, _ = load_model(run)
-    results = evaluate_dataset(run, test_dir, evaluation, predictors=predictor_specs(model, extra), progress=False)
+    results = evaluate_dataset(run, test_dir, evaluation, predictors=predictor_specs(model, extra, posts, labels),
+                               progress=False)
     history = load_checkpoint(RunPaths(run).last)["history"]
     record = {"key": key, "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - t0 - train_seconds,
               "slices_per_second": statistics.median(h["slices_per_second"] for h in history),
               "parameters": sum(p.numel() for p in model.parameters()), "predictors": {}}
     for label, m in results.items():
-        record["predictors"][label] = {**{k: m[k] for k in METRICS}, "image_auroc": m["image_auroc"],
-                                       "per_case_dice": {r["case_id"]: r["dice"] for r in m["per_case"]}}
+        record["predictors"][label] = record_metrics(m)
     record["baseline"] = record["predictors"].pop("intensity")
+    record["baselines"] = {post: record["predictors"].pop(post_label("intensity", post)) for post in posts
+                           if post != "vox"}
     shutil.rmtree(run / "samples", ignore_errors=True)  # keep checkpoints and evaluations, not the PNGs
     return record
 
@@ -170,6 +214,19 @@ def gain(m: dict, base: dict) -> float:
     """Mean relative gain in AUPRC and best Dice over the paired baseline."""
     parts = [m[k] / base[k] for k in ("pixel_auprc", "dice_best") if base[k] and base[k] > 0]
     return statistics.fmean(parts) - 1 if parts else math.nan
+
+
+def lesion_gain(m: dict, base: dict) -> float:
+    """Mean relative gain in lesion F1 (at the calibrated threshold) and FROC score over the paired baseline."""
+    parts = [m[k] / base[k] for k in ("lesion_f1", "froc_score")
+             if m.get(k) is not None and base.get(k) is not None and base[k] > 0]
+    return statistics.fmean(parts) - 1 if parts else math.nan
+
+
+def paired_baseline(rec: dict, label: str) -> dict:
+    """The baseline evaluated under the same post-processing rule as `label`."""
+    post = label.rpartition("@")[2] if "@" in label else "vox"
+    return rec["baseline"] if post == "vox" else rec["baselines"][post]
 
 
 def mean_std(values) -> tuple[float, float]:
@@ -189,9 +246,12 @@ def aggregate(records: dict, size: int) -> dict:
         if rec["size"] != size:
             continue
         for label, m in rec["predictors"].items():
-            groups.setdefault((rec["config"], label), {}).setdefault(rec["setting"], []).append((m, rec["baseline"]))
-        baselines.setdefault(rec["setting"], {})[rec["seed"]] = rec["baseline"]
-    groups[("baseline", "intensity")] = {s: [(b, b) for b in by_seed.values()] for s, by_seed in baselines.items()}
+            groups.setdefault((rec["config"], label), {}).setdefault(rec["setting"], []).append(
+                (m, paired_baseline(rec, label)))
+        for post, base in {"vox": rec["baseline"], **rec.get("baselines", {})}.items():
+            baselines.setdefault(post_label("intensity", post), {}).setdefault(rec["setting"], {})[rec["seed"]] = base
+    for label, by_setting in baselines.items():
+        groups[("baseline", label)] = {s: [(b, b) for b in by_seed.values()] for s, by_seed in by_setting.items()}
     out = {}
     for pair, by_setting in groups.items():
         out[pair] = {}
@@ -201,6 +261,15 @@ def aggregate(records: dict, size: int) -> dict:
             entry["baseline_dice"] = mean_std([b["dice_best"] for _, b in runs])
             entry["gain"] = mean_std([gain(m, b) for m, b in runs])
             entry["n"] = len(runs)
+            if all("lesion_f1" in m for m, _ in runs):
+                entry.update({k: mean_std([m[k] for m, _ in runs]) for k in LESION_METRICS})
+                entry.update({f"baseline_{k}": mean_std([b[k] for _, b in runs]) for k in LESION_METRICS})
+                for band in SIZE_BANDS:
+                    entry[f"recall {band}"] = mean_std([m["recall_by_size"][band] for m, _ in runs])
+                    entry[f"baseline_recall {band}"] = mean_std([b["recall_by_size"][band] for _, b in runs])
+                entry["dice_thr_over_best"] = mean_std([m["dice_at_threshold"] / m["dice_best"] for m, _ in runs
+                                                        if m["dice_best"]])
+                entry["lesion_gain"] = mean_std([lesion_gain(m, b) for m, b in runs])
             out[pair][setting] = entry
     return out
 
@@ -214,6 +283,52 @@ def ranking(agg: dict, settings: list[str]) -> list[tuple]:
         gains = [by_setting[s]["gain"][0] for s in settings]
         rows.append((pair, min(gains), statistics.fmean(gains)))
     return sorted(rows, key=lambda r: (-r[1], -r[2]))
+
+
+def lesion_ranking(agg: dict, settings: list[str]) -> list[tuple]:
+    """Like `ranking`, by the lesion-wise gain (lesion F1 and FROC score over the paired baseline)."""
+    rows = []
+    for pair, by_setting in agg.items():
+        if pair[0] == "baseline" or any(s not in by_setting or "lesion_gain" not in by_setting[s] for s in settings):
+            continue
+        gains = [by_setting[s]["lesion_gain"][0] for s in settings]
+        rows.append((pair, min(gains), statistics.fmean(gains)))
+    return sorted(rows, key=lambda r: (-r[1], -r[2]))
+
+
+def lesion_markdown(agg: dict, settings: list[str], size: int) -> list[str]:
+    """Lesion-wise tables of one image size: every (model, predictor@rule) beside the baseline under
+    each rule, per setting; then the ranking by the worst setting's lesion gain."""
+    lines = []
+    cols = ["lesion F1", "FROC", "recall <0.1 ml", "recall 0.1-1 ml", "FP lesions/case", "Dice at thr",
+            "best Dice", "AUPRC", "lesion gain", "pooled gain", "seeds"]
+    keys = ["lesion_f1", "froc_score", "recall <0.1 ml", "recall 0.1-1 ml", "false_positive_lesions_per_case",
+            "dice_at_threshold", "dice_best", "pixel_auprc"]
+    for setting in settings:
+        rows = [(pair, e[setting]) for pair, e in agg.items() if setting in e and "lesion_gain" in e[setting]]
+        if not rows:
+            continue
+        rows.sort(key=lambda r: (r[0][0] != "baseline", -r[1]["lesion_gain"][0]))
+        lines += [f"### Lesion-wise, {setting.replace('_', ' + ').upper()} ({size} px)", "",
+                  "| model | predictor@rule | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+        for (config_name, label), e in rows:
+            name = "**baseline**" if config_name == "baseline" else config_name
+            cells = [fmt(e[k]) for k in keys]
+            gains = ("0", "0") if config_name == "baseline" else (f"{e['lesion_gain'][0]:+.1%}", f"{e['gain'][0]:+.1%}")
+            lines.append(f"| {name} | {label} | " + " | ".join(cells) + f" | {gains[0]} | {gains[1]} | {e['n']} |")
+        lines.append("")
+    ranked = lesion_ranking(agg, settings)
+    if ranked:
+        lines += [f"### Lesion-wise ranking at {size} px (score = worst setting's lesion gain over the baseline "
+                  "under the same rule)", "",
+                  "| rank | model | predictor@rule | worst-setting lesion gain | mean | " + " | ".join(settings)
+                  + " | worst-setting pooled gain |", "|---|---|---|---|---|" + "---|" * len(settings) + "---|"]
+        for i, ((config_name, label), worst, mean) in enumerate(ranked[:16], 1):
+            cells = " | ".join(f"{agg[(config_name, label)][s]['lesion_gain'][0]:+.1%}" for s in settings)
+            pooled = min(agg[(config_name, label)][s]["gain"][0] for s in settings)
+            lines.append(f"| {i} | {config_name} | {label} | {worst:+.1%} | {mean:+.1%} | {cells} | {pooled:+.1%} |")
+        lines.append("")
+    return lines
 
 
 def fmt(ms) -> str:
@@ -260,6 +375,7 @@ def markdown(agg_by_size: dict, settings: list[str], setup: dict) -> str:
                 cells = " | ".join(f"{agg[(config_name, label)][s]['gain'][0]:+.1%}" for s in settings)
                 lines.append(f"| {i} | {config_name} | {label} | {worst:+.1%} | {mean:+.1%} | {cells} |")
             lines.append("")
+        lines += lesion_markdown(agg, settings, size)
     return "\n".join(lines) + "\n"
 
 
@@ -316,18 +432,19 @@ def main(argv=None) -> int:
     bad = sorted(set(configs) - set(CONFIGS)) + sorted(set(settings) - set(SETTINGS))
     if bad:
         raise SystemExit(f"unknown config(s)/setting(s): {', '.join(bad)}")
-    records_path = work / "records.json"
-    records = json.loads(records_path.read_text()) if (args.resume or args.report) and records_path.exists() else {}
+    posts = [x.strip() for x in args.posts.split(",")]
+    if "vox" not in posts or set(posts) - set(POSTS):
+        raise SystemExit(f"--posts: a subset of {', '.join(POSTS)} that includes vox (the runs' own rule)")
+    records = load_records(work) if (args.resume or args.report) else {}
     setup = {"quick": args.quick, "configs": configs, "settings": settings, "seeds": args.seeds, "sizes": args.sizes,
              "healthy": args.healthy, "lesioned": args.lesioned, "epochs": args.epochs, "batch_size": args.batch_size,
              "max_steps_per_epoch": args.max_steps, "phantom_seed": args.phantom_seed, "realism": not args.no_realism,
-             "lesion_load": args.lesions,
+             "lesion_load": args.lesions, "posts": {p: POSTS[p] for p in posts},
              "top": args.top, "machine": machine(), "torch_threads": None,
              "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
-    def save():
-        work.mkdir(parents=True, exist_ok=True)
-        write_text(records_path, json.dumps(records, indent=1))
+    def save(key):  # one file per run: several study processes (disjoint seeds or settings) share a work folder
+        write_text(work / "records" / f"{key}.json", json.dumps(records[key], indent=1))
 
     if not args.report:
         import torch
@@ -338,19 +455,23 @@ def main(argv=None) -> int:
         kwargs = {} if args.no_realism else {"realism": True}
         if args.lesions != "default":
             kwargs["lesion_load"] = args.lesions
-        make_phantom(phantom, args.healthy, args.lesioned, seed=args.phantom_seed, resolution=2,
-                     modalities=("t1", "t2", "flair"), **kwargs)
+        made = dict(healthy=args.healthy, lesioned=args.lesioned, seed=args.phantom_seed, **kwargs)
+        marker = phantom / "study_phantom.json"  # made once per work folder (several study processes share it)
+        if not (marker.exists() and json.loads(marker.read_text()) == made):
+            make_phantom(phantom, args.healthy, args.lesioned, seed=args.phantom_seed, resolution=2,
+                         modalities=("t1", "t2", "flair"), **kwargs)
+            write_text(marker, json.dumps(made))
         t0 = time.perf_counter()
         stage1 = [(c, s, args.sizes[0], seed) for seed in args.seeds for s in settings for c in configs]
         for i, (c, s, size, seed) in enumerate(stage1):
-            execute(records, c, s, size, seed, args, work, extra, save, f"[stage 1: {i + 1}/{len(stage1)}]", t0)
+            execute(records, c, s, size, seed, args, work, extra, posts, save, f"[stage 1: {i + 1}/{len(stage1)}]", t0)
         if len(args.sizes) > 1:
             top = ranking(aggregate(records, args.sizes[0]), settings)[:args.top]
             chosen = sorted({c for (c, _), _, _ in top})
             print(f"stage 2 at {args.sizes[1]} px: {', '.join(f'{c} / {p}' for (c, p), _, _ in top)}", flush=True)
             stage2 = [(c, s, args.sizes[1], seed) for seed in args.seeds for s in settings for c in chosen]
             for i, (c, s, size, seed) in enumerate(stage2):
-                execute(records, c, s, size, seed, args, work, extra, save, f"[stage 2: {i + 1}/{len(stage2)}]", t0)
+                execute(records, c, s, size, seed, args, work, extra, posts, save, f"[stage 2: {i + 1}/{len(stage2)}]", t0)
 
     agg_by_size = {size: aggregate(records, size) for size in sorted({r["size"] for r in records.values()})}
     table = markdown(agg_by_size, settings, setup)
@@ -365,15 +486,25 @@ def main(argv=None) -> int:
     return 0
 
 
-def execute(records, c, s, size, seed, args, work, extra, save, tag, t0) -> None:
+def load_records(work: Path) -> dict:
+    """Finished runs: work/records/<key>.json (and the single records.json of earlier versions)."""
+    records = json.loads((work / "records.json").read_text()) if (work / "records.json").exists() else {}
+    for path in sorted((work / "records").glob("*.json")):
+        records[path.stem] = json.loads(path.read_text())
+    return records
+
+
+def execute(records, c, s, size, seed, args, work, extra, posts, save, tag, t0) -> None:
     key = run_key(c, s, size, seed)
     if key in records and (args.resume or args.report):
         return
     config = run_config(c, s, size, seed, args, work / "phantom" / "train", work / "cache")
-    rec = train_and_evaluate(key, config, work, work / "phantom" / "test", extra)
-    rec.update(config=c, setting=s, size=size, seed=seed, load_average=round(os.getloadavg()[0], 2))
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    rec = train_and_evaluate(key, config, work, work / "phantom" / "test", extra, posts, labels)
+    rec.update(config=c, setting=s, size=size, seed=seed, load_average=round(os.getloadavg()[0], 2),
+               torch_threads=__import__("torch").get_num_threads())
     records[key] = rec
-    save()
+    save(key)
     best = max(rec["predictors"].items(), key=lambda kv: gain(kv[1], rec["baseline"]))
     print(f"{tag} {key}: baseline AUPRC {rec['baseline']['pixel_auprc']:.3f} Dice {rec['baseline']['dice_best']:.3f}; "
           f"best {best[0]} AUPRC {best[1]['pixel_auprc']:.3f} Dice {best[1]['dice_best']:.3f}; "

@@ -99,6 +99,18 @@ def test_nothing_predicted():
     assert m["lesion_recall"] == 0.0 and math.isnan(m["lesion_precision"]) and m["lesion_f1"] == 0.0
 
 
+def test_lesion_f1_is_zero_when_every_predicted_lesion_misses():
+    """Precision and recall both 0 (lesions predicted, none on a true lesion): F1 0, not undefined."""
+    truth = np.zeros((12, 12, 12), bool)
+    truth[1:3, 1:3, 1:3] = True
+    seg = np.zeros_like(truth)
+    seg[8:10, 8:10, 8:10] = True
+    lm = LesionMetrics()
+    lm.update(case_lesions(seg, truth, (1.0, 1.0, 1.0), "a", np.ones_like(truth)), 0.0, 0.0)
+    m = lm.compute()
+    assert (m["lesion_recall"], m["lesion_precision"], m["lesion_f1"]) == (0.0, 0.0, 0.0)
+
+
 def test_merged_shares_give_the_same_metrics():
     cases = [case_lesions(p, t, SPACING, f"c{i}") for i, (p, t) in enumerate(_example())]
     whole, a, b = LesionMetrics(), LesionMetrics(), LesionMetrics()

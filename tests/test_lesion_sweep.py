@@ -216,3 +216,28 @@ def test_an_onnx_export_carries_the_fitted_lesion_volume():
     stale = ExportMetadata({}, {}, settings, post.threshold_, {}, {}, 0)  # without it: an error, not another size
     with pytest.raises(ValueError, match="min_lesion_ml_"):
         stale.postprocessor()
+
+
+def test_one_pass_evaluates_several_post_processing_rules(shared_run, tmp_path, lesioned_dir):
+    """A predictor under a post-processing override (spec "score") gives the metrics of a run
+    configured that way, in the same pass as the run's own rule (maps predicted once, shared)."""
+    from anomaseg.evaluation import evaluate_dataset
+    from anomaseg.run import RunPaths
+
+    run, configured = tmp_path / "run", tmp_path / "configured"
+    shutil.copytree(shared_run, run)
+    shutil.copytree(shared_run, configured)
+    paths = RunPaths(configured)
+    config = yaml.safe_load(paths.config.read_text())
+    rule = {"calibration": "fp_lesions", "healthy_fp_lesions": 0.5}
+    config["score"].update(rule)
+    paths.config.write_text(yaml.safe_dump(config))
+    specs = {"own": {"name": "residual"}, "lesions": {"name": "residual", "score": rule}}
+    both = evaluate_dataset(run, lesioned_dir, tmp_path / "both", predictors=specs, progress=False, baseline=False)
+    alone = evaluate_dataset(configured, lesioned_dir, tmp_path / "alone", predictors="residual", progress=False,
+                             baseline=False)
+    keys = ("threshold", "dice_at_threshold", "lesion_f1", "false_positive_lesions_per_case", "froc_score")
+    assert {k: both["lesions"][k] for k in keys} == {k: alone[k] for k in keys}
+    assert both["lesions"]["threshold"] != both["own"]["threshold"]  # the rules really differ
+    entries = json.loads(RunPaths(run).calibration.read_text())
+    assert len(entries) == 2  # each rule keeps its own calibration

@@ -21,14 +21,19 @@ from anomaseg.scorer import Scorer, make_postprocessor, predictor_key, vars_of
 
 
 def calibrate(run_dir: str | Path, predictor: str | None = None, params: dict | None = None,
-              progress: bool = True, force: bool = False, device: str | None = None) -> Scorer:
+              progress: bool = True, force: bool = False, device: str | None = None,
+              score: dict | None = None) -> Scorer:
     """A fitted Scorer for a run: read from RUN/calibration.json (if it was fitted for the same
     checkpoint, predictor and post-processing), or fitted on the run's held-out healthy cases and
-    stored there."""
+    stored there. `score`: post-processing settings that replace the run's (`score` section keys,
+    e.g. {"calibration": "fp_lesions"}); such a scorer is stored under its own entry, so one run
+    can be evaluated under several post-processing rules."""
     model, config = load_model(run_dir)
+    if score:
+        config.score = with_score_overrides(config.score, score)
     name = predictor or config.score.predictor
     params = dict(config.score.predictor_params if predictor is None else (params or {}))
-    key = predictor_key(name, params)
+    key = predictor_key(name, params) + (" | " + predictor_key("score", score) if score else "")
     paths = RunPaths(Path(run_dir))
     store = read_calibration(paths.calibration)
     post_settings = make_postprocessor(config.score)
@@ -71,6 +76,17 @@ def calibrate(run_dir: str | Path, predictor: str | None = None, params: dict | 
                   "n_calibration_voxels": scorer.post.n_calibration_voxels_}
     write_text(paths.calibration, json.dumps(store, indent=1))
     return scorer
+
+
+def with_score_overrides(score: cfg.ScoreConfig, overrides: dict) -> cfg.ScoreConfig:
+    """`score` with the post-processing keys of `overrides` replaced (checked like a config file's)."""
+    allowed = {"median_size", "erosion", "min_component_size", "healthy_fpr", "calibration", "size_units",
+               "median_mm", "min_lesion_ml", "healthy_fp_lesions", "min_lesion_ml_candidates"}
+    unknown = sorted(set(overrides) - allowed)
+    if unknown:
+        raise InputError(None, f"post-processing override(s) {', '.join(unknown)} unknown; known: {', '.join(sorted(allowed))}")
+    d = {**score.__dict__, **overrides}
+    return cfg.RunConfig.from_dict({"score": d}).score
 
 
 def _predictor(name: str, params: dict, config: cfg.RunConfig) -> Predictor:

@@ -245,9 +245,15 @@ def evaluate_shard(rank: int, cases: list, report, job: EvaluationJob, out: Path
         ref = load_volume(prepared.reference, header_only=True) if job.save_maps else None
         row, to2d = _side_by_side_row(prepared) if len(tallies) > 1 else (None, None)
         qa_case = assessor.prepare(case) if assessor is not None else None  # read without its ground truth
+        raw = {}  # predictor maps shared by the labels that differ only in post-processing
         for name, tally in tallies.items():
             scorer = scorers[name]
-            smoothed, scores = scorer.predict_case(prepared)
+            source = job.sources[name]
+            shared = (source.run_dir, source.predictor, repr(sorted((source.params or {}).items())), source.onnx)
+            if shared not in raw:
+                raw[shared] = scorer.predict_slices(prepared)
+            maps, scores = raw[shared]
+            smoothed = scorer.smooth_volume(prepared, maps)
             spacing = case_spacing(prepared)
             seg = scorer.post.segment(smoothed, spacing=spacing)
             tally.add(prepared, smoothed, scores, seg, model, scorer.post.min_voxels(spacing))
@@ -284,12 +290,15 @@ def merge_shards(parts: list[tuple[dict, list]]) -> tuple[dict, list]:
 
 
 def predictor_specs(run_dir, predictors: str | dict | None, predictor_params: dict | None = None) -> dict:
-    """{label: (name, params)} to evaluate. `predictors`: None (the run's configured predictor), the
-    command line's 'a,b' / 'all' (labels = names; `predictor_params` {name: params}), or a mapping
-    {label: {"name": ..., "params": {...}}} (one predictor under several settings in one pass)."""
+    """{label: (name, params, score overrides or None)} to evaluate. `predictors`: None (the run's
+    configured predictor), the command line's 'a,b' / 'all' (labels = names; `predictor_params`
+    {name: params}), or a mapping {label: {"name": ..., "params": {...}, "score": {...}}} (one
+    predictor under several settings or post-processing rules in one pass; "score" replaces keys of
+    the run's `score` section, e.g. {"calibration": "fp_lesions"})."""
     if isinstance(predictors, dict):
-        return {label: (spec["name"], dict(spec.get("params") or {})) for label, spec in predictors.items()}
-    return {name: (name, None if name is None else dict((predictor_params or {}).get(name, {})))
+        return {label: (spec["name"], dict(spec.get("params") or {}), dict(spec["score"]) if spec.get("score") else None)
+                for label, spec in predictors.items()}
+    return {name: (name, None if name is None else dict((predictor_params or {}).get(name, {})), None)
             for name in resolve_predictors(run_dir, predictors)}
 
 
@@ -317,8 +326,8 @@ def evaluate_dataset(run_dir: str | Path, data: str | Path, out_dir: str | Path,
     config = load_run_config(run_dir)
     dataset = Dataset.find(data, config.data.modalities, require_seg=True, query=bids, shard=shard)
     built = {}  # label -> (source, fitted scorer); calibrated here, once, before any worker starts
-    for label, (name, params) in predictor_specs(run_dir, predictors, predictor_params).items():
-        source = ScorerSource(run_dir, name, params)
+    for label, (name, params, score) in predictor_specs(run_dir, predictors, predictor_params).items():
+        source = ScorerSource(run_dir, name, params, score=score)
         scorer = source.build(progress)
         built[label or scorer.predictor.name] = (source, scorer)
     reported = list(built)  # the baseline joins the pass, but gets its own results only if asked for

@@ -153,8 +153,8 @@ class LesionMetrics:
         n_pred = sum(c.n_predicted for c in cases)
         n_pred_true = sum(c.n_predicted_true for c in cases)
         recall, precision = _ratio(n_detected, n_true), _ratio(n_pred_true, n_pred)
-        f1 = (2 * precision * recall / (precision + recall)
-              if not (math.isnan(recall) or math.isnan(precision)) and precision + recall > 0 else math.nan)
+        f1 = (2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+              if not (math.isnan(recall) or math.isnan(precision)) else math.nan)
         if not math.isnan(recall) and n_pred == 0:
             f1 = 0.0  # nothing predicted: recall 0, precision undefined
         by_size = {}

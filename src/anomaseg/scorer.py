@@ -100,7 +100,11 @@ class Scorer:
     def predict_case(self, case: PreparedCase) -> tuple[np.ndarray, np.ndarray]:
         """Post-processed anomaly map on the case's RAS+ voxel grid, and the score of every slice."""
         maps, scores = self.predict_slices(case)
-        return self.post.smooth(case.geometry.to_volume(maps), case.brain, case_spacing(case)), scores
+        return self.smooth_volume(case, maps), scores
+
+    def smooth_volume(self, case: PreparedCase, maps: np.ndarray) -> np.ndarray:
+        """Model-size maps of the case's slices (`predict_slices`) on its voxel grid, post-processed."""
+        return self.post.smooth(case.geometry.to_volume(maps), case.brain, case_spacing(case))
 
     def smoothed_volume(self, case: PreparedCase) -> np.ndarray:
         """Post-processed anomaly map on the case's RAS+ voxel grid."""

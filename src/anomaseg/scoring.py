@@ -39,6 +39,7 @@ class ScorerSource:
     predictor: str | None = None
     params: dict | None = None
     onnx: str | None = None
+    score: dict | None = None  # post-processing settings replacing the run's (`calibration.calibrate`)
 
     def build(self, progress: bool = False, device: str | None = None) -> Scorer:
         if self.onnx:
@@ -46,7 +47,7 @@ class ScorerSource:
 
             return OnnxScorer(self.onnx)
         return calibrate(self.run_dir, self.predictor, None if self.predictor is None else dict(self.params or {}),
-                         progress, device=device)
+                         progress, device=device, score=self.score)
 
     def slice_spec(self) -> SliceSpec:
         if self.onnx:
