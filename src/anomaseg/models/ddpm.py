@@ -45,13 +45,19 @@ Options beyond the paper's default (off by default):
 - `ddim_steps=N`: N deterministic DDIM steps (eta 0) from `t_test` to 0 per patch instead of one
   x0-prediction; at every step the rest of the slice is clean.
 - `ensemble=K`: K noise draws, their stitched reconstructions averaged (the "noise ensemble" of the
-  issue; the paper's code uses one draw). cDDPM (conditioning on a latent of the clean image) and
-  mDDPM (masked inputs) are not implemented.
+  issue; the paper's code uses one draw).
+- `step_ensemble=(t1, t2, ...)`: reconstructions from several test steps (each from its own noise
+  draw) averaged, in place of `t_test` (the cDDPM code's `noise_ensemble`: 250, 500, 750).
 - `patch_size=image_size`: one patch, the whole slice noised: the paper's plain DDPM baseline.
 
-Determinism: the test-time noise fields (one per ensemble member) are drawn once, when the model is
-built, from a generator seeded with `noise_seed` (a non-persistent buffer, so an exported graph holds
-them as constants), and one field serves every slice of a batch, so a slice's reconstruction does not
+The conditioned and masked variants of the same group build on this class: `cddpm`
+(models/cddpm.py: the denoiser conditioned on an encoder's latent of the clean slice, through
+`condition` / `denoise`) and `mddpm` (models/mddpm.py: training slices masked in image and
+frequency space, through `training_input`).
+
+Determinism: the test-time noise fields (one per test step and ensemble member) are drawn once, when
+the model is built, from a generator seeded with `noise_seed` (a non-persistent buffer, so an exported
+graph holds them as constants), and one field serves every slice of a batch, so a slice's reconstruction does not
 depend on the batch it is scored in. Training draws timesteps, patches and noise from torch's global
 generators, which the training loop re-seeds per step (`seeding.seed_phase`), so a resumed run draws
 what the uninterrupted one drew.
@@ -96,7 +102,7 @@ class PatchedDDPM(AnomalyModel):
                  resblock_updown: bool = True, num_train_timesteps: int = 1000, schedule: str = "cosine",
                  objective: str = "x0", loss_type: str = "l1", t_test: int = 500,
                  patch_size: int | None = None, patch_stride: int | None = None, train_patches: bool = True,
-                 ddim_steps: int = 0, ensemble: int = 1, noise_seed: int = 0):
+                 ddim_steps: int = 0, ensemble: int = 1, step_ensemble: tuple[int, ...] = (), noise_seed: int = 0):
         super().__init__()
         channels = tuple(int(c) for c in channels)
         if image_size % 2 ** (len(channels) - 1):
@@ -106,8 +112,9 @@ class PatchedDDPM(AnomalyModel):
             raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {objective!r}")
         if loss_type not in ("l1", "l2"):
             raise ValueError(f"loss_type must be 'l1' or 'l2', got {loss_type!r}")
-        if not 1 <= t_test <= num_train_timesteps:
-            raise ValueError(f"t_test must be in [1, {num_train_timesteps}], got {t_test}")
+        test_steps = tuple(int(t) for t in step_ensemble) or (int(t_test),)
+        if not all(1 <= t <= num_train_timesteps for t in test_steps):
+            raise ValueError(f"t_test and step_ensemble must be in [1, {num_train_timesteps}], got {test_steps}")
         patch_size = image_size // 2 if patch_size is None else int(patch_size)
         patch_stride = patch_size if patch_stride is None else int(patch_stride)
         if not 1 <= patch_size <= image_size or patch_stride < 1:
@@ -119,6 +126,7 @@ class PatchedDDPM(AnomalyModel):
         self.image_size = int(image_size)
         self.objective, self.loss_type = objective, loss_type
         self.t_test, self.ddim_steps, self.ensemble = int(t_test), int(ddim_steps), int(ensemble)
+        self.test_steps = test_steps  # the steps whose reconstructions are averaged (t_test alone by default)
         self.patch_size, self.patch_stride, self.train_patches = patch_size, patch_stride, bool(train_patches)
         self.noise_seed = int(noise_seed)
         # imported here: MONAI's networks take seconds to import, which every command that lists or
@@ -136,12 +144,18 @@ class PatchedDDPM(AnomalyModel):
         self.ddim = DDIMScheduler(num_train_timesteps=num_train_timesteps, schedule=schedule,
                                   prediction_type=OBJECTIVES[objective], clip_sample=False)
         self.num_train_timesteps = int(num_train_timesteps)
-        # the test-time noise fields and patch masks at the model's size, made once from `noise_seed`
-        # (not saved: rebuilt identically with the model); constants to a traced or exported graph
+        # the test-time noise fields (one per test step and ensemble member) and patch masks at the
+        # model's size, made once from `noise_seed` (not saved: rebuilt identically with the model);
+        # constants to a traced or exported graph
         generator = torch.Generator().manual_seed(self.noise_seed)
-        size = (self.ensemble, in_channels, self.image_size, self.image_size)
+        size = (self.draws, in_channels, self.image_size, self.image_size)
         self.register_buffer("test_noise", torch.randn(size, generator=generator), persistent=False)
         self.register_buffer("test_masks", self.patch_masks(self.image_size, self.image_size), persistent=False)
+
+    @property
+    def draws(self) -> int:
+        """Noise fields per reconstruction: one per test step and ensemble member."""
+        return len(self.test_steps) * self.ensemble
 
     # -- patches ----------------------------------------------------------------------------------
 
@@ -156,6 +170,15 @@ class PatchedDDPM(AnomalyModel):
 
     # -- the diffusion steps ----------------------------------------------------------------------
 
+    def condition(self, x: torch.Tensor) -> torch.Tensor | None:
+        """What the denoiser is conditioned on, from the clean slices x (B, C, H, W in [0, 1] scale):
+        nothing here (cDDPM: an encoder's latent)."""
+        return None
+
+    def denoise(self, sample: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        """The U-Net's output for noised slices at timesteps t, given the condition of their clean slices."""
+        return self.unet(sample, t) if cond is None else self.unet(sample, t, class_labels=cond)
+
     def x0_estimate(self, model_input: torch.Tensor, out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x0 from the network's output at timesteps t (B,): the output itself for x0-prediction."""
         if self.objective == "x0":
@@ -163,45 +186,49 @@ class PatchedDDPM(AnomalyModel):
         a = self.scheduler.alphas_cumprod.to(model_input.device)[t].view(-1, 1, 1, 1)
         return (model_input - (1 - a).sqrt() * out) / a.sqrt()
 
-    def denoise_patches(self, x0: torch.Tensor, noise: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    def denoise_patches(self, x0: torch.Tensor, noise: torch.Tensor, masks: torch.Tensor, t_test: int,
+                        cond: torch.Tensor | None = None) -> torch.Tensor:
         """(K, B, C, H, W): for each of the K patch masks, the slices x0 (B, C, H, W; in [-1, 1]) with
-        that patch noised to `t_test` (rest clean) and reconstructed, by one x0-prediction or by
-        `ddim_steps` DDIM steps. All K * B slices go through the U-Net as one batch."""
+        that patch noised to step `t_test` (rest clean) and reconstructed, by one x0-prediction or by
+        `ddim_steps` DDIM steps, the denoiser given `cond` (B, ...) of each slice. All K * B slices go
+        through the U-Net as one batch."""
         k, (b, c, h, w) = len(masks), x0.shape
         clean = x0.unsqueeze(0).expand(k, b, c, h, w).reshape(k * b, c, h, w)
         inside = masks.unsqueeze(1).expand(k, b, 1, h, w).reshape(k * b, 1, h, w)
-        start = self.t_test - 1
+        cond = None if cond is None else cond.repeat(k, *([1] * (cond.dim() - 1)))
+        start = t_test - 1
         t = torch.full((k * b,), start, dtype=torch.long, device=x0.device)
         noisy = self.scheduler.add_noise(clean, noise.expand(k, b, c, h, w).reshape(k * b, c, h, w), t)
         sample = torch.where(inside, noisy, clean)
         if self.ddim_steps == 0:
-            return self.x0_estimate(sample, self.unet(sample, t).float(), t).view(k, b, c, h, w)
+            return self.x0_estimate(sample, self.denoise(sample, t, cond).float(), t).view(k, b, c, h, w)
         # DDIM from `start` to 0 in about `ddim_steps` equal jumps (MONAI's step jumps by T // n)
         self.ddim.set_timesteps(max(1, min(self.num_train_timesteps,
-                                           round(self.ddim_steps * self.num_train_timesteps / self.t_test))))
+                                           round(self.ddim_steps * self.num_train_timesteps / t_test))))
         jump = self.num_train_timesteps // self.ddim.num_inference_steps
         for step in range(start, -1, -jump):
             model_input = torch.where(inside, sample, clean)
-            out = self.unet(model_input, torch.full_like(t, step)).float()
+            out = self.denoise(model_input, torch.full_like(t, step), cond).float()
             sample, _ = self.ddim.step(out, step, model_input)
         return torch.where(inside, sample, clean).view(k, b, c, h, w)
 
     def reconstruct_patched(self, x: torch.Tensor) -> torch.Tensor:
-        """The stitched reconstruction of x (B, C, H, W in [0, 1] scale), float32, averaged over
-        `ensemble` noise draws and over overlapping patches."""
+        """The stitched reconstruction of x (B, C, H, W in [0, 1] scale), float32, averaged over the
+        test steps, the `ensemble` noise draws of each, and overlapping patches."""
         x0 = x.float() * 2 - 1
         noise, masks = self.test_noise, self.test_masks
         if tuple(x.shape[-2:]) != tuple(masks.shape[-2:]):  # another size than the model's: the same draws
             c, h, w = x.shape[1:]
             generator = torch.Generator().manual_seed(self.noise_seed)
-            noise = torch.randn((self.ensemble, c, h, w), generator=generator).to(x.device)
+            noise = torch.randn((self.draws, c, h, w), generator=generator).to(x.device)
             masks = self.patch_masks(h, w, x.device)
         cover = masks.sum(0).float()  # (1, H, W) patches per pixel
+        cond = self.condition(x)
         total = torch.zeros_like(x0)
-        for e in range(self.ensemble):
-            rec = self.denoise_patches(x0, noise[e:e + 1].float(), masks)
+        for i in range(self.draws):
+            rec = self.denoise_patches(x0, noise[i:i + 1].float(), masks, self.test_steps[i // self.ensemble], cond)
             total = total + (rec * masks.unsqueeze(1)).sum(0)
-        return (total / (cover * self.ensemble) + 1) / 2
+        return (total / (cover * self.draws) + 1) / 2
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         """The stitched patch-wise reconstruction (deterministic; see the module docstring)."""
@@ -218,13 +245,21 @@ class PatchedDDPM(AnomalyModel):
         rec = self.error(out.recon, x).mean()
         return {"loss": rec, "rec": rec}
 
+    def training_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The slices the network sees in training in place of the healthy batch x (noised inside
+        the patch, as they are elsewhere); the target stays x. Here x itself (mDDPM: x masked)."""
+        return x
+
     def diffusion_loss(self, x: torch.Tensor, generator: torch.Generator | None = None,
-                       autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> torch.Tensor:
+                       autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+                       seen: torch.Tensor | None = None) -> torch.Tensor:
         """The training objective on the healthy batch x: per slice a random timestep and (with
         `train_patches`) one random patch of the test grid noised, the rest clean; the error of the
-        network's x0 (or noise) prediction counted inside the patch, averaged over all pixels."""
+        network's x0 (or noise) prediction counted inside the patch, averaged over all pixels. `seen`
+        (default x) is what the network sees in place of x, the target staying x."""
         b, c, h, w = x.shape
         x0 = x.float() * 2 - 1
+        source = x0 if seen is None else seen.float() * 2 - 1
         dev = x.device
         # drawn on the CPU (from `generator`, or torch's global one the loop re-seeds), then moved
         t = torch.randint(0, self.num_train_timesteps, (b,), generator=generator).to(dev)
@@ -234,18 +269,18 @@ class PatchedDDPM(AnomalyModel):
             inside = grid[torch.randint(0, len(grid), (b,), generator=generator).to(dev)]
         else:
             inside = torch.ones(b, 1, h, w, dtype=torch.bool, device=dev)
-        sample = torch.where(inside, self.scheduler.add_noise(x0, noise, t), x0)
+        sample = torch.where(inside, self.scheduler.add_noise(source, noise, t), source)
         if x.is_contiguous(memory_format=torch.channels_last):
             sample = sample.contiguous(memory_format=torch.channels_last)
         with autocast():
-            out = self.unet(sample, t)
+            out = self.denoise(sample, t, self.condition(x))
         target = x0 if self.objective == "x0" else noise
         return (self.error(out, target) * inside).mean()
 
     def training_step(self, x: torch.Tensor, optimizers: dict, backward: Callable[[torch.Tensor], None],
                       autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, torch.Tensor]:
         opt = optimizers["model"]
-        loss = self.diffusion_loss(x, autocast=autocast)
+        loss = self.diffusion_loss(x, autocast=autocast, seen=self.training_input(x))
         opt.zero_grad(set_to_none=True)
         backward(loss)
         opt.step()

@@ -15,7 +15,7 @@ from anomaseg.registry import Entry, Registry
 
 def _load_builtin_models() -> None:
     # Imported here, explicitly, rather than by `import *` side effects scattered over the package.
-    from anomaseg.models import autoencoders, dae, ddpm, skip_ganomaly, vaegan  # noqa: F401
+    from anomaseg.models import autoencoders, cddpm, dae, ddpm, mddpm, skip_ganomaly, vaegan  # noqa: F401
 
 
 MODELS = Registry("model", _load_builtin_models)
