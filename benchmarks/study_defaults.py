@@ -156,7 +156,7 @@ def predictor_specs(model, extra: list[str], posts: list[str] = ("vox",), labels
         base.setdefault(name, {"name": name, "params": {}})
     specs = {}
     for post in posts:
-        chosen = {**base, **({} if post == "vox" else {"intensity": {"name": "intensity", "params": {}}})}
+        chosen = {**base, "intensity": {"name": "intensity", "params": {}}}  # the baseline, always reported
         for label, spec in chosen.items():
             specs[post_label(label, post)] = {**spec, **({"score": POSTS[post]} if POSTS[post] else {})}
     return specs

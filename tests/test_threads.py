@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import os
 import subprocess
 import sys
 import time
@@ -293,3 +294,19 @@ def test_training_lowers_its_threads_when_a_neighbour_comes_and_logs_it_once(hea
     assert out.count("threads: 2 -> 1 (other work keeps 64 of the 2 CPUs busy") == 1
     history = json.loads(RunPaths(tmp_path / "run").history.read_text())
     assert [(h["threads"], h.get("threads_at_start")) for h in history] == [(1, 2), (1, None)]
+
+
+
+def test_one_pinned_thread_stays_one_when_numba_is_loaded(healthy_dir, tmp_path):
+    """numba's OpenMP layer, launched by the policy's own numba.set_num_threads, set libgomp (shared
+    with torch) to every CPU after torch had been set: a process pinned to one thread that had
+    loaded numba (the evaluation's kernels) trained on all CPUs (found in a study run, 5x slower)."""
+    code = ("import sys, torch\nfrom pathlib import Path\nimport anomaseg.evaluation\n"
+            "from anomaseg import config as cfg\nfrom anomaseg.training import train\n"
+            "c = cfg.resolve(None, {'data': {'image_size': 32, 'cache_dir': None}, 'train': {'epochs': 1, "
+            "'batch_size': 4, 'max_steps_per_epoch': 1, 'compile': False}})\n"
+            "c.train_dir = sys.argv[1]\ntrain(c, Path(sys.argv[2]), progress=False)\nprint('THREADS', torch.get_num_threads())")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code, str(healthy_dir), str(tmp_path / "run")], capture_output=True,
+                         text=True, env={**env, "ANOMASEG_THREADS": "1"}, timeout=300)
+    assert "THREADS 1" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]

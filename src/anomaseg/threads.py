@@ -205,14 +205,14 @@ def apply(threads: int) -> None:
     global _INTEROP_SET
     import torch
 
+    if "numba" in sys.modules:  # first: launching numba's OpenMP layer sets libgomp's count (shared with
+        numba = sys.modules["numba"]  # torch) to every CPU, which would undo torch's setting below
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     torch.set_num_threads(threads)
     if not _INTEROP_SET:  # settable once, before any inter-op work; torch's own default is every CPU
         _INTEROP_SET = True
         with contextlib.suppress(RuntimeError):
             torch.set_num_interop_threads(threads)
-    if "numba" in sys.modules:
-        numba = sys.modules["numba"]
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     if "SimpleITK" in sys.modules:
         sys.modules["SimpleITK"].ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
 
