@@ -4,7 +4,6 @@ its ONNX export."""
 
 from __future__ import annotations
 
-import signal
 
 import pytest
 import torch
@@ -185,56 +184,3 @@ def test_rejects_bad_parameters():
     with pytest.raises(ValueError, match="ensemble"):
         create_model("pddpm", tiny=True, ensemble=0)
 
-
-@pytest.mark.slow
-def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
-    """`anomaseg train` of a tiny pddpm, SIGKILLed one step after a mid-epoch checkpoint and resumed,
-    ends with the weights and optimiser state of the uninterrupted run, bit for bit."""
-    from anomaseg.run import RunPaths, load_checkpoint
-    from conftest import write_dataset
-    from processes import run_cli
-
-    data = write_dataset(tmp_path / "healthy", 4, lesioned=False, seed=1)
-
-    def args(run):
-        return ["train", "--data", str(data), "--out", str(run), "--epochs", "2", "--image-size", "32",
-                "--batch-size", "16", "--precision", "32", "--seed", "3", "--threads", "1",
-                "--set", "model.name=pddpm", "--set", "model.params={channels: [8, 16], norm_num_groups: 4, "
-                "num_head_channels: 16, patch_size: 16}", "--set", "train.checkpoint_every_steps=2",
-                "--set", "score.predictor=residual"]
-
-    cache = tmp_path / "cache"
-    assert run_cli(args(tmp_path / "reference"), cache) == 0
-    run = tmp_path / "run"
-    assert run_cli(args(run), cache, kill_at="train_step:epoch=1,step=3") == -signal.SIGKILL
-    assert run_cli(["train", "--out", str(run), "--resume"], cache) == 0
-    a, b = load_checkpoint(RunPaths(run).last), load_checkpoint(RunPaths(tmp_path / "reference").last)
-    assert a["model"].keys() == b["model"].keys()
-    for k in b["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    for p, state in b["optimizers"]["model"]["state"].items():
-        assert all(torch.equal(a["optimizers"]["model"]["state"][p][n], v) for n, v in state.items())
-
-
-@pytest.mark.slow
-def test_onnx_graph_computes_the_pytorch_map():
-    """The test-time noise and patch masks are constants of the exported graph: ONNX Runtime
-    computes the PyTorch residual map, for any batch size."""
-    import onnxruntime as ort
-
-    from anomaseg.export import INPUT, OUTPUT, onnx_graph
-    from anomaseg.inference import inference_copy
-
-    torch.manual_seed(0)
-    model = create_model("pddpm", tiny=True, image_size=32, in_channels=2).eval()
-    predictor = create_predictor("residual", polarity="auto").set_modalities(["flair", "t1"])
-    net = inference_copy(model, channels_last=False)
-    session = ort.InferenceSession(onnx_graph(net, predictor, (2, 32, 32)).SerializeToString(),
-                                   providers=["CPUExecutionProvider"])
-    for batch in (1, 3):
-        x = torch.rand(batch, 2, 32, 32)
-        with torch.no_grad():
-            want = predictor.anomaly_map(model, x).numpy()
-        got = session.run([OUTPUT], {INPUT: x.numpy()})[0]
-        assert got.shape == (batch, 1, 32, 32)
-        assert abs(got - want).max() <= 1e-4 * float(want.max() - want.min())

@@ -1,6 +1,6 @@
 """The conditioned (cDDPM) and masked (mDDPM) variants of the patched DDPM: what the U-Net is given
 in training and at test time, the masks of mDDPM against numpy's FFT, their anomaly maps after a
-short training, exact resume in the loop, and cDDPM's ONNX export."""
+short training; for all three diffusion models exact resume in the loop and the ONNX export."""
 
 from __future__ import annotations
 
@@ -231,12 +231,14 @@ def test_residual_ranks_a_planted_bright_blob_above_healthy_tissue_after_a_short
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,params", [
+    ("pddpm", "{channels: [8, 16], norm_num_groups: 4, num_head_channels: 16, patch_size: 16}"),
     ("cddpm", "{channels: [8, 16], norm_num_groups: 4, num_head_channels: 16, encoder_channels: [8, 8, 16, 16], "
               "encoder_max_pool: false}"),
     ("mddpm", "{channels: [8, 16], norm_num_groups: 4, num_head_channels: 16, patch_size: 16}")])
 def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(tmp_path, name, params):
-    """`anomaseg train` of a tiny model, SIGKILLed one step after a mid-epoch checkpoint and resumed,
-    ends with the weights, buffers (cDDPM's BatchNorm) and optimiser state of the uninterrupted run."""
+    """`anomaseg train` of a tiny diffusion model, SIGKILLed one step after a mid-epoch checkpoint and
+    resumed, ends with the weights, buffers (cDDPM's BatchNorm) and optimiser state of the
+    uninterrupted run, bit for bit."""
     from anomaseg.run import RunPaths, load_checkpoint
     from conftest import write_dataset
     from processes import run_cli
@@ -263,17 +265,19 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(tmp_path, name, para
 
 
 @pytest.mark.slow
-def test_cddpm_onnx_graph_computes_the_pytorch_map():
-    """The encoder and its latent's embedding are in the exported graph: ONNX Runtime computes the
-    PyTorch residual map, for any batch size (one test step: the default three unroll into a graph
-    three times the size, which takes half a minute to export and load)."""
+@pytest.mark.parametrize("name,params", [("pddpm", {}), ("cddpm", {"step_ensemble": ()})])
+def test_onnx_graph_computes_the_pytorch_map(name, params):
+    """The test-time noise and patch masks are constants of the exported graph (cDDPM: the encoder
+    and its latent's embedding are in it): ONNX Runtime computes the PyTorch residual map, for any
+    batch size (cDDPM with one test step: the default three unroll into a graph three times the
+    size, which takes half a minute to export and load)."""
     import onnxruntime as ort
 
     from anomaseg.export import INPUT, OUTPUT, onnx_graph
     from anomaseg.inference import inference_copy
 
     torch.manual_seed(0)
-    model = create_model("cddpm", tiny=True, image_size=32, in_channels=2, step_ensemble=()).eval()
+    model = create_model(name, tiny=True, image_size=32, in_channels=2, **params).eval()
     predictor = create_predictor("residual", polarity="auto").set_modalities(["flair", "t1"])
     net = inference_copy(model, channels_last=False)
     session = ort.InferenceSession(onnx_graph(net, predictor, (2, 32, 32)).SerializeToString(),
