@@ -239,5 +239,7 @@ def test_one_pass_evaluates_several_post_processing_rules(shared_run, tmp_path, 
     keys = ("threshold", "dice_at_threshold", "lesion_f1", "false_positive_lesions_per_case", "froc_score")
     assert {k: both["lesions"][k] for k in keys} == {k: alone[k] for k in keys}
     assert both["lesions"]["threshold"] != both["own"]["threshold"]  # the rules really differ
-    entries = json.loads(RunPaths(run).calibration.read_text())
-    assert len(entries) == 2  # each rule keeps its own calibration
+    entries = json.loads(RunPaths(run).calibration.read_text())  # each rule keeps its own calibration
+    assert entries["residual"]["postprocess"]["calibration"] == "voxel_fpr"
+    assert entries["residual | score(calibration=fp_lesions,healthy_fp_lesions=0.5)"]["postprocess"][
+        "calibration"] == "fp_lesions"
