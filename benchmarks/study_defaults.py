@@ -158,6 +158,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--report", action="store_true", help="only (re)write the tables from finished runs")
     p.add_argument("--out", help="output stem (default benchmarks/results/study_defaults[_quick])")
     args = p.parse_args(argv)
+    args.labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    if args.labels and set(args.labels) - set(PREDICTORS):
+        p.error(f"--labels: unknown {', '.join(sorted(set(args.labels) - set(PREDICTORS)))}")
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -496,7 +499,7 @@ def main(argv=None) -> int:
         write_text(work / "records" / f"{key}.json", json.dumps(records[key], indent=1))
 
     if args.add:
-        labels = [x.strip() for x in args.labels.split(",")] if args.labels else list(PREDICTORS)
+        labels = args.labels or list(PREDICTORS)
         for key, rec in sorted(records.items()):
             if rec["config"] in configs and rec["setting"] in settings and rec["size"] in args.sizes \
                     and rec["seed"] in args.seeds:
@@ -581,14 +584,15 @@ def load_records(work: Path) -> dict:
 
 
 def execute(records, c, s, size, seed, args, work, extra, posts, save, tag, t0) -> None:
+    import torch
+
     key = run_key(c, s, size, seed)
     if key in records and (args.resume or args.report):
         return
     config = run_config(c, s, size, seed, args, work / "phantom" / "train", work / "cache")
-    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
-    rec = train_and_evaluate(key, config, work, work / "phantom" / "test", extra, posts, labels)
+    rec = train_and_evaluate(key, config, work, work / "phantom" / "test", extra, posts, args.labels)
     rec.update(config=c, setting=s, size=size, seed=seed, load_average=round(os.getloadavg()[0], 2),
-               torch_threads=__import__("torch").get_num_threads())
+               torch_threads=torch.get_num_threads())
     records[key] = rec
     save(key)
     best = max(rec["predictors"].items(), key=lambda kv: gain(kv[1], rec["baseline"]))

@@ -5,6 +5,7 @@ and post-processing settings are the same.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -80,8 +81,7 @@ def calibrate(run_dir: str | Path, predictor: str | None = None, params: dict | 
 
 def with_score_overrides(score: cfg.ScoreConfig, overrides: dict) -> cfg.ScoreConfig:
     """`score` with the post-processing keys of `overrides` replaced (checked like a config file's)."""
-    allowed = {"median_size", "erosion", "min_component_size", "healthy_fpr", "calibration", "size_units",
-               "median_mm", "min_lesion_ml", "healthy_fp_lesions", "min_lesion_ml_candidates"}
+    allowed = {f.name for f in dataclasses.fields(cfg.ScoreConfig)} - {"predictor", "predictor_params", "batch_size"}
     unknown = sorted(set(overrides) - allowed)
     if unknown:
         raise InputError(None, f"post-processing override(s) {', '.join(unknown)} unknown; known: {', '.join(sorted(allowed))}")

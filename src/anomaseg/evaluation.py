@@ -248,11 +248,10 @@ def evaluate_shard(rank: int, cases: list, report, job: EvaluationJob, out: Path
         raw = {}  # predictor maps shared by the labels that differ only in post-processing
         for name, tally in tallies.items():
             scorer = scorers[name]
-            source = job.sources[name]
-            shared = (source.run_dir, source.predictor, repr(sorted((source.params or {}).items())), source.onnx)
-            if shared not in raw:
-                raw[shared] = scorer.predict_slices(prepared)
-            maps, scores = raw[shared]
+            key = job.sources[name].maps_key()
+            if key not in raw:
+                raw[key] = scorer.predict_slices(prepared)
+            maps, scores = raw[key]
             smoothed = scorer.smooth_volume(prepared, maps)
             spacing = case_spacing(prepared)
             seg = scorer.post.segment(smoothed, spacing=spacing)

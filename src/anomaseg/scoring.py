@@ -49,6 +49,11 @@ class ScorerSource:
         return calibrate(self.run_dir, self.predictor, None if self.predictor is None else dict(self.params or {}),
                          progress, device=device, score=self.score)
 
+    def maps_key(self) -> tuple:
+        """What the raw maps depend on (not the post-processing `score` overrides): sources with the
+        same key predict the same maps of a case."""
+        return self.run_dir, self.predictor, repr(sorted((self.params or {}).items())), self.onnx
+
     def slice_spec(self) -> SliceSpec:
         if self.onnx:
             from anomaseg.export import read_metadata
