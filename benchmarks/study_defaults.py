@@ -80,7 +80,11 @@ CONFIGS = {
     "pddpm": ("behrendt2023_pddpm", {}),
     "cddpm": ("behrendt2024_cddpm", {}),
     "mddpm": ("iqbal2023_mddpm", {}),
+    "spatial_vae_b0.05_p64": ("baur2018_spatial_vae", {"beta": 0.05}),  # on 64 px patches: CONFIG_DATA
 }
+# data overrides per configuration: the model sees 64 px windows of the --sizes slice (data.patch_size),
+# so at --sizes 128 (1 mm) it trains on crops and scores in overlapping windows at ~1.4 mm per pixel
+CONFIG_DATA = {"spatial_vae_b0.05_p64": {"patch_size": 64}}
 # training overrides per configuration: the diffusion models train ~15x fewer slices per CPU second
 # than the autoencoders at 64 px (benchmarks/bench_pddpm.py: ~20 vs ~300 on one thread), so 2 epochs
 # are about the CPU time of the autoencoders' 30 (an equal budget; each record keeps its train_seconds)
@@ -171,7 +175,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run_config(config_name: str, setting: str, size: int, seed: int, args, train_dir: Path, cache: Path) -> cfg.RunConfig:
     preset, params = CONFIGS[config_name]
     params = {**params, **(QUICK_PARAMS.get(config_name, {}) if args.quick else {})}
-    overrides = {"data": {"modalities": SETTINGS[setting], "image_size": size, "cache_dir": str(cache)},
+    data = dict(CONFIG_DATA.get(config_name, {}))
+    if data.get("patch_size", 0) > size:  # slices no larger than the patch (--quick's 32 px): whole slices
+        data["patch_size"] = 0
+    overrides = {"data": {"modalities": SETTINGS[setting], "image_size": size, "cache_dir": str(cache), **data},
                  "model": {"params": params},
                  "train": {"epochs": args.epochs, "batch_size": args.batch_size, "seed": seed,
                            "max_steps_per_epoch": args.max_steps, **CONFIG_TRAIN.get(config_name, {})},

@@ -42,8 +42,11 @@ def calibrate(run_dir: str | Path, predictor: str | None = None, params: dict | 
     if not pred.supports(model):
         raise InputError(paths.root, f"predictor {name!r} needs a model with {', '.join(pred.requires)}; "
                                      f"{config.model.name} has not")
+    # a patch run's model sees windows; a predictor that ignores the model (the intensity baseline) sees
+    # whole slices, so the baseline is the same as beside a whole-slice run of the same image size
+    patch = config.data.patch_size if pred.requires else 0
     scorer = Scorer(model, pred, post_settings, config.score.batch_size, device=device or default_device(),
-                    precision=config.train.precision)
+                    precision=config.train.precision, patch_size=patch)
     entry = store.get(key)
     stamp = checkpoint_stamp(run_dir)
     if entry and not force and entry.get("postprocess") == vars_of(post_settings) and entry.get("checkpoint") == stamp:

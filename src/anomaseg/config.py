@@ -39,9 +39,15 @@ class DataConfig:
     bids_derivatives: list[str] = field(default_factory=list)  # BIDS training data: pipelines with masks
     bids_select: list[str] = field(default_factory=list)  # BIDS training data: participants.tsv conditions
     slice_store: str = "auto"  # training slices: memory | disk (a .npy in the cache) | auto (disk when large)
+    # 0: the model sees whole image_size slices; N: it trains on N x N crops of them and scores them in
+    # overlapping N x N windows (data/patches.py), so image_size can be finer than the model's input
+    patch_size: int = 0
 
     def __post_init__(self):
         self.slice_spec()  # validates image size, modalities, percentiles and the brain mask rule early
+        from anomaseg.data.patches import check_patch_size
+
+        check_patch_size(self.patch_size, self.image_size)
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.slice_store not in ("auto", "memory", "disk"):

@@ -116,6 +116,9 @@ def export_onnx(run_dir: str | Path, out: str | Path, predictor: str | None = No
     from anomaseg.run import checkpoint_stamp, load_run_config
 
     config = load_run_config(run_dir)
+    if config.data.patch_size:  # OnnxScorer would have to slide the windows itself
+        raise InputError(run_dir, "ONNX export of patch-trained runs is not supported yet "
+                                  f"(data.patch_size {config.data.patch_size})")
     name = predictor or config.score.predictor
     check_exportable(name, params if predictor else config.score.predictor_params)
     scorer = calibrate(run_dir, predictor, params, progress, device="cpu")

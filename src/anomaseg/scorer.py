@@ -14,10 +14,11 @@ import numpy as np
 import torch
 
 from anomaseg import config as cfg
+from anomaseg.data.patches import WINDOW_OVERLAP, windows
 from anomaseg.data.slices import PreparedCase
 from anomaseg.inference import inference_batch_size, inference_copy
 from anomaseg.postprocess import PostProcessor
-from anomaseg.predictors.base import Predictor
+from anomaseg.predictors.base import Predictor, top_fraction_mean
 from anomaseg.runtime import autocast, default_device, fabric_precision
 
 
@@ -47,6 +48,11 @@ class Scorer:
     `torch.inference_mode` (predictors that differentiate re-enable autograd for their input), in
     batches sized to the machine's memory (`batch_size=None`). `optimize=False` runs the trained
     model as it is (the reference the fast path is tested against). `model` stays untouched.
+
+    `patch_size` > 0 (a run trained on patches, `data.patch_size`): the model sees patch_size windows
+    of each slice, overlapping by half (`data.patches.window_grid`), their maps blended by MONAI's
+    `sliding_window_inference`; a slice's score is then the top-fraction mean of its blended map
+    inside the brain (`top_fraction_mean`), and the predictor is fitted on the same windows.
     """
 
     model: torch.nn.Module
@@ -56,6 +62,7 @@ class Scorer:
     device: str = field(default_factory=default_device)
     precision: str = "auto"
     optimize: bool = True
+    patch_size: int = 0
 
     def __post_init__(self):
         self.model = self.model.to(self.device).eval()
@@ -68,14 +75,37 @@ class Scorer:
         return self.batch_size
 
     def _batches(self, images: np.ndarray):
-        size = self._batch_size(images.shape[1:])
+        p = self.patch_size
+        size = self._batch_size(images.shape[1:] if not p else (images.shape[1], p, p))
         for i in range(0, len(images), size):
             x = torch.from_numpy(np.ascontiguousarray(images[i:i + size])).float()
             yield x.to(self.device).contiguous(memory_format=torch.channels_last)
 
     def predict_batch(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(maps (B, 1, S, S), scores (B,)) of a batch of model-size slices and their brain masks."""
-        return self.predictor.predict(self.net, x, mask)
+        if not self.patch_size:
+            return self.predictor.predict(self.net, x, mask)
+        maps = self.window_maps(x, mask)
+        return maps, top_fraction_mean(maps, mask)
+
+    def window_maps(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, S): the predictor's maps of patch_size windows of x, blended. Image and mask
+        travel through MONAI's windowing as channels of one tensor and are split for the predictor.
+        Gaussian blending: a window's border pixels see less context (the convolutions' zero padding),
+        so each pixel's map leans on the windows it is central in; MONAI normalises the weights, so a
+        pointwise map is left unchanged."""
+        from monai.inferers import sliding_window_inference
+
+        channels = x.shape[1]
+
+        def predict(window: torch.Tensor) -> torch.Tensor:
+            image = window[:, :channels].contiguous(memory_format=torch.channels_last)
+            return self.predictor.predict(self.net, image, window[:, channels:] > 0.5)[0].float()
+
+        both = torch.cat([x.float(), mask.to(torch.float32)], 1)
+        p = self.patch_size
+        return sliding_window_inference(both, p, self._batch_size((channels, p, p)), predict, overlap=WINDOW_OVERLAP,
+                                        mode="gaussian")
 
     def predict_slices(self, case: PreparedCase) -> tuple[np.ndarray, np.ndarray]:
         """Raw maps (Z, S, S) at model size and the predictor's score per slice (Z,). Slices outside
@@ -114,9 +144,14 @@ class Scorer:
         """Fit the predictor on healthy slices, then the threshold on their post-processed maps."""
         from tqdm.auto import tqdm
 
-        def batches():
+        def batches():  # a patch run's predictor is fitted on the windows it will see (`window_maps`)
             for c in healthy:
-                yield from self._batches(c.images[c.keep])
+                for x in self._batches(c.images[c.keep]):
+                    if not self.patch_size:
+                        yield x
+                    else:
+                        for w in windows(x, self.patch_size).split(self.batch_size):
+                            yield w.contiguous(memory_format=torch.channels_last)
 
         with torch.inference_mode(), autocast(self.device, self._fabric_precision):
             self.predictor.fit(self.net, batches())

@@ -57,6 +57,7 @@ from anomaseg.compilation import StepCompiler, compile_mode
 from anomaseg.data.layout import find_cases
 from anomaseg.data.splits import split_cases
 from anomaseg.data import store
+from anomaseg.data.patches import centre_crops, random_brain_crops
 from anomaseg.data.slices import CaseCache
 from anomaseg.errors import InputError
 from anomaseg.models import create_model
@@ -253,7 +254,8 @@ class Trainer:
             if state is not None:  # a kill between history.json and last.pt left a record ahead of the checkpoint
                 write_text(paths.history, json.dumps(state["history"], indent=1))
 
-        model, optimizers = self._setup_model(fabric, state, train_x.channels, train_x.size)
+        # a patch run's model is built for its patches (data.patch_size), not for the whole slice
+        model, optimizers = self._setup_model(fabric, state, train_x.channels, c.data.patch_size or train_x.size)
         compiler = self.compiler
         history = state["history"] if state else []
         best_val = state["best_val"] if state else math.inf
@@ -281,6 +283,13 @@ class Trainer:
         def to_batch(t):  # float16 slices travel as they are stored; one conversion, on the device
             return fabric.to_device(t).to(torch.float32, memory_format=self.memory_format)
 
+        # patch runs (data.patch_size, data/patches.py): training steps and BatchNorm re-estimation see
+        # one random brain-centred crop per slice (drawn after seed_phase, so resume repeats them);
+        # validation and samples the centre crop, the same every epoch
+        patch = c.data.patch_size
+        train_batch = (lambda t: random_brain_crops(to_batch(t), patch)) if patch else to_batch
+        eval_batch = (lambda t: centre_crops(to_batch(t), patch)) if patch else to_batch
+
         every = c.train.checkpoint_every_steps
         summary = {}
         self._last_save = time.monotonic()
@@ -301,7 +310,7 @@ class Trainer:
                     for opt in optimizers.values():
                         for group in opt.param_groups:
                             group["lr"] = lr
-                    x = to_batch(batch)
+                    x = train_batch(batch)
                     compiler.before_step(x)
                     started = time.perf_counter()
                     logs = model.training_step(x, optimizers, fabric.backward, fabric.autocast)
@@ -323,7 +332,7 @@ class Trainer:
                 torch.cuda.synchronize(fabric.device)
             seconds = time.perf_counter() - t0
             with compiler.eager():
-                self._recalibrate(fabric, model, train_x, bs, to_batch, epoch)
+                self._recalibrate(fabric, model, train_x, bs, train_batch, epoch)
             sums = distributed.mean_over_processes(sums, world)
             record = {"epoch": epoch + 1, **{f"train_{k}": v / steps for k, v in sums.items()},
                       "slices_per_second": (steps - first) * bs / seconds, "threads": torch.get_num_threads()}
@@ -331,7 +340,7 @@ class Trainer:
                 record["threads_at_start"] = threads_at_start
             if val_x is not None:
                 with compiler.eager():
-                    record.update({f"val_{k}": v for k, v in self._validate(fabric, model, val_x, bs, to_batch, epoch).items()})
+                    record.update({f"val_{k}": v for k, v in self._validate(fabric, model, val_x, bs, eval_batch, epoch).items()})
             history.append(record)
             val_loss = record.get("val_loss", record.get("train_loss", math.inf))
             improved = val_loss < best_val
@@ -339,7 +348,7 @@ class Trainer:
             if main:
                 write_text(paths.history, json.dumps(history, indent=1))
                 with compiler.eager():
-                    self._write_samples(fabric, model, shown, to_batch, epoch + 1)
+                    self._write_samples(fabric, model, shown, eval_batch, epoch + 1)
             kill_point("epoch_outputs", epoch=epoch + 1, rank=rank)
             self._checkpoint(fabric, model, optimizers, epoch + 1, 0, history, best_val, best=improved)
             fabric.print(f"epoch {epoch + 1}/{c.train.epochs}: " + ", ".join(
@@ -428,9 +437,10 @@ class Trainer:
             return
         model.eval()
         with fabric.autocast():
-            recon = model(to_batch(shown)).recon.float().cpu()
+            x = to_batch(shown)  # a patch run's model sees (and shows) the centre crops
+            recon = model(x).recon.float().cpu()
         model.train()
-        write_png(self.paths.samples / f"epoch_{epoch:03d}.png", sample_grid(shown.float(), recon))
+        write_png(self.paths.samples / f"epoch_{epoch:03d}.png", sample_grid(x.float().cpu(), recon))
 
 
 def compile_decision(compiler: StepCompiler) -> bool | None:
