@@ -230,9 +230,20 @@ def test_a_planted_bright_blob_ranks_above_healthy_tissue_after_patch_training(p
     assert calibrate(copy, "intensity", progress=False).patch_size == 0
 
 
-def test_onnx_export_of_a_patch_run_is_refused_in_one_line(patch_run, tmp_path, capsys):
+def test_onnx_scoring_of_a_patch_run_slides_the_same_windows(patch_run, tmp_path):
+    """The exported graph maps one patch; OnnxScorer slides and blends it as the PyTorch scorer does."""
+    from anomaseg.export import OnnxScorer
+
     _, run, _, _ = patch_run
-    assert main(["export", "--run", str(run), "--out", str(tmp_path / "m.onnx")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "ONNX export of patch-trained runs is not supported yet" in err[0]
-    assert not (tmp_path / "m.onnx").exists()
+    onnx_file = tmp_path / "m.onnx"
+    assert main(["export", "--run", str(run), "--out", str(onnx_file)]) == 0
+    onnx_scorer, torch_scorer = OnnxScorer(onnx_file, batch_size=4), calibrate(run, progress=False)
+    assert onnx_scorer.patch_size == torch_scorer.patch_size == PATCH
+    assert onnx_scorer.session.get_inputs()[0].shape[-2:] == [PATCH, PATCH]
+    lesioned = write_dataset(tmp_path / "lesioned", 1, lesioned=True, seed=2)
+    (case,) = prepare_cases(find_cases(lesioned, ["flair"]), load_model(run)[1].data.slice_spec(), None, False)
+    (onnx_maps, onnx_scores), (maps, scores) = onnx_scorer.predict_slices(case), torch_scorer.predict_slices(case)
+    scale = float(np.ptp(maps))
+    assert scale > 0
+    np.testing.assert_allclose(onnx_maps, maps, rtol=0, atol=1e-4 * scale)
+    np.testing.assert_allclose(onnx_scores, scores, rtol=0, atol=1e-4 * scale)

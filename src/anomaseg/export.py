@@ -5,7 +5,9 @@
 - the graph `image -> anomaly_map`: input `image`, float32 (batch, C, S, S), normalised axial slices
   as `preprocessing` describes; output `anomaly_map`, float32 (batch, 1, S, S), the predictor's map
   at model size (higher = more anomalous). The model is the BatchNorm-folded eval copy that
-  PyTorch scoring runs (`inference.inference_copy`); the batch axis is dynamic;
+  PyTorch scoring runs (`inference.inference_copy`); the batch axis is dynamic. A patch run
+  (`data.patch_size`): S is the patch size, and `OnnxScorer` slides the graph over each image_size
+  slice in windows blended as PyTorch scoring blends them (`scorer.Scorer.window_maps`);
 - everything scoring needs, as JSON under the metadata key "anomaseg" (`onnx.ModelProto.metadata_props`,
   read with `onnxruntime.InferenceSession(path).get_modelmeta().custom_metadata_map["anomaseg"]`):
   `preprocessing` (modalities in channel order, image size, intensity percentiles, clip, brain
@@ -116,23 +118,22 @@ def export_onnx(run_dir: str | Path, out: str | Path, predictor: str | None = No
     from anomaseg.run import checkpoint_stamp, load_run_config
 
     config = load_run_config(run_dir)
-    if config.data.patch_size:  # OnnxScorer would have to slide the windows itself
-        raise InputError(run_dir, "ONNX export of patch-trained runs is not supported yet "
-                                  f"(data.patch_size {config.data.patch_size})")
     name = predictor or config.score.predictor
     check_exportable(name, params if predictor else config.score.predictor_params)
     scorer = calibrate(run_dir, predictor, params, progress, device="cpu")
     spec = config.data.slice_spec()
     # A fresh copy, contiguous: the exporter traces this module and nothing else uses it.
     net = inference_copy(scorer.model, "cpu", channels_last=False)
-    shape = (len(spec.modalities), spec.image_size, spec.image_size)
+    size = scorer.patch_size or spec.image_size  # a patch run's graph maps one window; OnnxScorer slides it
+    shape = (len(spec.modalities), size, size)
     meta = ExportMetadata(
-        preprocessing={**asdict(spec), "description": (
+        preprocessing={**asdict(spec), "patch_size": scorer.patch_size, "description": (
             "per modality: scale the brain's voxels so that the percentiles map to 0 and 1, clip to "
             "[0, clip_max], 0 outside the brain; RAS+ axial slices cropped to the brain's in-plane box "
             "(+2 voxels) if crop_to_brain, zero-padded to a square, resized (bilinear, antialiased) to "
             "image_size; slices with brain area < min_brain_fraction of the largest are out of domain "
-            "and get the case's lowest value")},
+            "and get the case's lowest value; patch_size > 0: the graph maps patch_size windows, overlapping by "
+            "half, their maps blended with Gaussian weights (MONAI's sliding_window_inference)")},
         predictor={"name": name, "params": scorer.predictor.get_params(),
                    "slice_score": f"mean of the highest {TOP_FRACTION:.0%} of the map inside the brain mask"},
         postprocessing=vars_of(scorer.post), postprocessing_fitted=scorer.post.fitted_state(),
@@ -291,11 +292,17 @@ class OnnxScorer(Scorer):
         self.model = self.net = None
         self.device, self.precision, self._fabric_precision, self.optimize = "cpu", "32", "32-true", True
         self.batch_size = batch_size or batch_size_for(self.meta.activation_bytes_per_sample)
+        self.patch_size = int(self.meta.preprocessing.get("patch_size", 0))  # files of older versions: none
 
     def predict_batch(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        image = np.ascontiguousarray(x.float().cpu().numpy())
-        maps = torch.from_numpy(self.session.run([OUTPUT], {INPUT: image})[0])
+        if self.patch_size:  # windows blended as PyTorch scoring blends them, each mapped by the graph
+            return super().predict_batch(x, mask)
+        maps = self.window_map(x, mask)
         return maps, top_fraction_mean(maps, mask)
+
+    def window_map(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        image = np.ascontiguousarray(x.float().cpu().numpy())
+        return torch.from_numpy(self.session.run([OUTPUT], {INPUT: image})[0])
 
     def fit(self, healthy, progress: bool = False):
         raise NotImplementedError("an exported model is already calibrated (its threshold is in the file)")

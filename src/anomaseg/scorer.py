@@ -99,13 +99,17 @@ class Scorer:
         channels = x.shape[1]
 
         def predict(window: torch.Tensor) -> torch.Tensor:
-            image = window[:, :channels].contiguous(memory_format=torch.channels_last)
-            return self.predictor.predict(self.net, image, window[:, channels:] > 0.5)[0].float()
+            return self.window_map(window[:, :channels].contiguous(memory_format=torch.channels_last),
+                                   window[:, channels:] > 0.5)
 
         both = torch.cat([x.float(), mask.to(torch.float32)], 1)
         p = self.patch_size
         return sliding_window_inference(both, p, self._batch_size((channels, p, p)), predict, overlap=WINDOW_OVERLAP,
                                         mode="gaussian")
+
+    def window_map(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, 1, P, P) float32: the predictor's map of a batch of windows (`OnnxScorer`: the graph's)."""
+        return self.predictor.predict(self.net, x, mask)[0].float()
 
     def predict_slices(self, case: PreparedCase) -> tuple[np.ndarray, np.ndarray]:
         """Raw maps (Z, S, S) at model size and the predictor's score per slice (Z,). Slices outside
