@@ -41,9 +41,10 @@ candidates, 15 / 12 epochs, `--larger`, not run) while a spinning OpenMP thread 
 environment settings below) slowed the training loop 20-40x. `--lesioned 56` gives 48 fitting
 subjects (about 13 minutes).
 
-REG-Net's regularisation (flips / 90-degree rotations, channel dropout, weight decay: `REGNet`) is
-set with --reg-params, e.g. `--reg-params '{"augment": false, "dropout": 0, "weight_decay": 0}'` for
-the unregularised network; --variants fits a subset of the variants.
+REG-Net's regularisation (flips / 90-degree rotations, channel dropout, weight decay: `REGNet`) and
+loss are set with --reg-params, e.g. `--reg-params '{"augment": false, "dropout": 0, "weight_decay": 0}'`
+for the unregularised network, `'{"loss": "counts"}'` for the loss before issue 20's fix;
+--variants fits a subset of the variants, --reg-epochs sets REG-Net's epochs.
 
 Writes benchmarks/results/quality_assessment.{json,md} (--quick: quality_assessment_quick.*), with
 the machine (lscpu model and flags), the load average and the wall time of each stage.
@@ -248,6 +249,7 @@ def main(argv=None) -> None:
     ap.add_argument("--reg-params", default=None,
                     help="REG-Net keywords as JSON, e.g. '{\"augment\": false, \"weight_decay\": 0}' "
                          "(regularisation: anomaseg.quality.networks.REGNet; default: its defaults)")
+    ap.add_argument("--reg-epochs", type=int, help="REG-Net epochs per variant (default: the plan's, 8 in the full plan)")
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS, help="REG-Net variants to fit")
     ap.add_argument("--train-sources", nargs="+", choices=["vae", "unet"], default=["vae", "unet"],
                     help="segmenters whose candidates may enter the training pool (perturbations always do); "
@@ -259,6 +261,8 @@ def main(argv=None) -> None:
     plan = dict(QUICK if args.quick else LARGER if args.larger else FULL)
     if args.lesioned:
         plan["lesioned"] = args.lesioned
+    if args.reg_epochs:
+        plan["reg_epochs"] = args.reg_epochs
     suffix = "_quick" if args.quick else ""
     work = Path(args.work or ROOT / "benchmarks" / "results" / f"work_qa{suffix}")
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"quality_assessment{suffix}")

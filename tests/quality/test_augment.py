@@ -11,7 +11,7 @@ from anomaseg.quality.networks import REGNet, create_network
 
 
 def _rows(n: int = 16, size: int = 32, seed: int = 0) -> torch.Tensor:
-    """REG-Net rows [X, S, TP map, missed map, weight]: an asymmetric image (a gradient plus an
+    """REG-Net rows [X, S, TP map, missed map, weights n, v]: an asymmetric image (a gradient plus an
     off-centre bright blob, the 'lesion' G), a candidate S shifted from G, their overlap maps."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[:size, :size]
@@ -21,7 +21,8 @@ def _rows(n: int = 16, size: int = 32, seed: int = 0) -> torch.Tensor:
         g = (y - cy) ** 2 + (x - cx) ** 2 < rng.integers(9, 25)
         s = np.roll(g, (rng.integers(0, 3), rng.integers(0, 4)), axis=(0, 1)) | ((y == cy + 3) & (x > cx))
         image = 0.3 + 0.005 * x + 0.0003 * y * y + 1.0 * g  # background < 0.75, lesion > 1.3
-        rows.append([image, s, s & g, g & ~s, np.full(g.shape, float(rng.integers(1, 4)))])
+        rows.append([image, s, s & g, g & ~s, np.full(g.shape, float(rng.integers(1, 4))),
+                     np.full(g.shape, 100.0 / (s.sum() + g.sum()))])
     return torch.tensor(np.array(rows), dtype=torch.float32)
 
 

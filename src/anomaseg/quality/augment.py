@@ -1,6 +1,6 @@
 """Training-time augmentation of REG-Net's slice rows, keeping inputs and targets exact.
 
-A REG-Net row is ``[X, S, TP map, missed map, weight]`` (`samples.py`). Its targets are *sums* of
+A REG-Net row is ``[X, S, TP map, missed map, weight maps n, v]`` (`samples.py`). Its targets are *sums* of
 the target maps over the slice, and REG-Net's outputs are sums over cells (`networks.py`), so a
 rotation by a multiple of 90 degrees or a flip of the slice (the 8 symmetries of the square, the
 dihedral group D4), applied to every channel alike, leaves the per-slice counts and hence the
