@@ -30,13 +30,16 @@ from anomaseg.runtime import cpu_info
 from anomaseg.scorer import Scorer, make_postprocessor
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = {"spatial VAE (default)": None, "dense AE": "baur2018_dense_ae", "DAE (Kascenas)": "kascenas2022_dae",
-           "pDDPM": "behrendt2023_pddpm", "cDDPM": "behrendt2024_cddpm", "mDDPM": "iqbal2023_mddpm"}
+# name -> (preset in configs/, model parameter overrides)
+PRESETS = {"spatial VAE (default)": (None, {}), "dense AE": ("baur2018_dense_ae", {}),
+           "DAE (Kascenas)": ("kascenas2022_dae", {}),
+           "DAE, half width (the study's)": ("kascenas2022_dae", {"base_channels": 32}),
+           "pDDPM": ("behrendt2023_pddpm", {}), "cDDPM": ("behrendt2024_cddpm", {}), "mDDPM": ("iqbal2023_mddpm", {})}
 
 
-def scorer_for(preset: str | None) -> Scorer:
+def scorer_for(preset: str | None, params: dict) -> Scorer:
     config = cfg.resolve(ROOT / "configs" / f"{preset}.yaml" if preset else None,
-                         {"data": {"modalities": ["flair"], "image_size": 64}})
+                         {"data": {"modalities": ["flair"], "image_size": 64}, "model": {"params": params}})
     torch.manual_seed(0)
     model = create_model(config.model.name, in_channels=1, image_size=64, **config.model.params)
     predictor = create_predictor(config.score.predictor, **config.score.predictor_params).set_modalities(["flair"])
@@ -56,7 +59,7 @@ def main(argv=None) -> int:
         spec = cfg.RunConfig().data.slice_spec()
         prepared = prepare_cases([case], spec, progress=False)[0]
         prepare_seconds = time.perf_counter() - t0
-    scorers = {name: scorer_for(preset) for name, preset in PRESETS.items()}
+    scorers = {name: scorer_for(*preset) for name, preset in PRESETS.items()}
     for scorer in scorers.values():  # the intensity member / baseline statistics: fitted on the case itself
         scorer.predictor.fit(scorer.net, iter([torch.from_numpy(prepared.images[prepared.keep][:32]).float()]))
         scorer.predict_slices(prepared)  # warm-up

@@ -597,6 +597,9 @@ def execute(records, c, s, size, seed, args, work, extra, posts, save, tag, t0) 
     import torch
 
     key = run_key(c, s, size, seed)
+    done = work / "records" / f"{key}.json"  # finished since this process started: another study process's run
+    if key not in records and done.exists() and (args.resume or args.report):
+        records[key] = json.loads(done.read_text())
     if key in records and (args.resume or args.report):
         return
     config = run_config(c, s, size, seed, args, work / "phantom" / "train", work / "cache")
