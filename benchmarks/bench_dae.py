@@ -3,6 +3,7 @@ baseline, on the phantom, with the same training budget in CPU time.
 
     .venv/bin/python benchmarks/bench_dae.py                  # 6 runs of 300 CPU s of training + evaluation
     .venv/bin/python benchmarks/bench_dae.py --budget 120 --modalities flair   # a quick look
+    .venv/bin/python benchmarks/bench_dae.py --probe --batch-size 32 --modalities flair   # throughput only
 
 For each modality set (FLAIR; FLAIR + T2) and model (`dae` at the paper's width, `dae` at half
 width, `spatial_vae` with its preset), a short probe measures the model's training throughput
@@ -104,6 +105,8 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(VARIANTS))
     ap.add_argument("--modalities", nargs="+", default=["flair", "flair,t2"])
     ap.add_argument("--realistic", action="store_true", help="phantom with every realism feature")
+    ap.add_argument("--probe", action="store_true",
+                    help="only print each model's training slices per CPU second (one thread), nothing trained")
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "work_dae"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dae.json"))
     args = ap.parse_args()
@@ -115,6 +118,15 @@ def main() -> None:
 
     work = Path(args.work)
     start = machine()
+    if args.probe:
+        torch.set_num_threads(1)
+        print(f"{start['cpu']}, flags {', '.join(start.get('flags', []))}, load {start['load_average']}")
+        for mods in args.modalities:
+            for variant in args.models.split(","):
+                config = run_config(variant, [m.strip() for m in mods.split(",")], args, work)
+                print(f"{variant} ({mods}, batch {args.batch_size}, {args.image_size} px): "
+                      f"{probe_throughput(config):.1f} training slices per CPU second", flush=True)
+        return
     t_all = time.perf_counter()
     if not (work / "phantom" / "phantom.json").exists():
         make_phantom(work / "phantom", 40, 8, seed=0, resolution=2, modalities=("flair", "t2"),

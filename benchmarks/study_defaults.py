@@ -89,8 +89,9 @@ CONFIG_DATA = {"spatial_vae_b0.05_p64": {"patch_size": 64}}
 # training overrides per configuration: the diffusion models train ~15x fewer slices per CPU second
 # than the autoencoders at 64 px (benchmarks/bench_pddpm.py: ~20 vs ~300 on one thread), so 2 epochs
 # are about the CPU time of the autoencoders' 30 (an equal budget; each record keeps its train_seconds)
-# The DAE at half width trains ~48 slices per CPU second at 64 px under bf16 here (the paper's width ~16,
-# the VAE ~270; one thread, batches of 32, Intel Xeon with AMX), so 5 epochs are the VAE's 30.
+# The DAE at half width trains 45 slices per CPU second at 64 px, the VAE 399 (`bench_dae.py --probe
+# --batch-size 32 --modalities flair`, one thread, bf16, Intel Xeon with AMX): its 5 epochs cost ~1.5x the
+# VAE's 30 (chosen from an earlier NCHW timing, ~48 vs ~270); at least an equal budget, as for the diffusion models.
 CONFIG_TRAIN = {"pddpm": {"epochs": 2}, "cddpm": {"epochs": 2}, "mddpm": {"epochs": 2}, "dae_half": {"epochs": 5}}
 QUICK_PARAMS = {"skip_ganomaly": {"base_channels": 16, "max_channels": 128}}
 SETTINGS = {"flair": ["flair"], "t1": ["t1"], "flair_t2": ["flair", "t2"]}
@@ -597,11 +598,12 @@ def execute(records, c, s, size, seed, args, work, extra, posts, save, tag, t0) 
     import torch
 
     key = run_key(c, s, size, seed)
-    done = work / "records" / f"{key}.json"  # finished since this process started: another study process's run
-    if key not in records and done.exists() and (args.resume or args.report):
-        records[key] = json.loads(done.read_text())
-    if key in records and (args.resume or args.report):
-        return
+    if args.resume or args.report:
+        done = work / "records" / f"{key}.json"  # finished since this process started: another study process's run
+        if key not in records and done.exists():
+            records[key] = json.loads(done.read_text())
+        if key in records:
+            return
     config = run_config(c, s, size, seed, args, work / "phantom" / "train", work / "cache")
     rec = train_and_evaluate(key, config, work, work / "phantom" / "test", extra, posts, args.labels)
     rec.update(config=c, setting=s, size=size, seed=seed, load_average=round(os.getloadavg()[0], 2),

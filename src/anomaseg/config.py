@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from anomaseg.data.patches import check_patch_size
 from anomaseg.data.slices import SliceSpec
 from anomaseg.errors import InputError
 from anomaseg.runtime import PRECISIONS
@@ -45,8 +46,6 @@ class DataConfig:
 
     def __post_init__(self):
         self.slice_spec()  # validates image size, modalities, percentiles and the brain mask rule early
-        from anomaseg.data.patches import check_patch_size
-
         check_patch_size(self.patch_size, self.image_size)
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
