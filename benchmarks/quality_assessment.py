@@ -167,7 +167,10 @@ def model_segmentations(plan: dict, phantom: Path, work: Path, cases, progress: 
     config = cfg.resolve(overrides={"data": {"modalities": ["flair"], "image_size": plan["image_size"]},
                                     "model": {"name": "spatial_vae", "params": {"beta": 0.05}},
                                     "train": {"epochs": plan["vae_epochs"][0], "seed": 0,
-                                              "compile": COMPILE}})
+                                              "compile": COMPILE},
+                                    # thresholds x factors of the voxel rule, as before the default became
+                                    # hysteresis (issue 18): the same candidate pools as every earlier run
+                                    "score": {"calibration": "voxel_fpr"}})
     config.train_dir = str((phantom / "train").resolve())
     segs: dict = {c.case_id: [] for c in cases}
     prepared = [prepare_case(case, config.data.slice_spec()) for case in cases]

@@ -119,15 +119,25 @@ METRICS = ("pixel_auroc", "pixel_auprc", "dice_best", "dice_at_threshold")
 LESION_METRICS = ("lesion_f1", "lesion_recall", "lesion_precision", "false_positive_lesions_per_case", "froc_score",
                   "per_volume_dice_mean")
 SIZE_BANDS = ("<0.1 ml", "0.1-1 ml")  # recall per true-lesion volume band (lesion_metrics.SIZE_BIN_NAMES)
-# post-processing rules evaluated in the same pass (`score` overrides of each run; "vox" = the run's own,
-# today's default: 5-voxel median, components < 8 voxels dropped, the 0.5%-healthy-voxel threshold)
+# post-processing rules evaluated in the same pass (`score` overrides of each run; "vox" = the run's own:
+# 5-voxel median, components < 8 voxels dropped, the 0.5%-healthy-voxel threshold, under voxel_fpr in
+# every run made before the default became hysteresis at 1 FP lesion per healthy case (= "hyst1"), and
+# under that rule since; "fpr" names voxel_fpr explicitly)
 POSTS = {
     "vox": {},
+    "fpr": {"calibration": "voxel_fpr"},
     "mm": {"size_units": "mm"},  # 3 mm median (none at 2 mm), components < 0.01 ml dropped, same threshold rule
     "fpl1": {"calibration": "fp_lesions", "healthy_fp_lesions": 1.0},  # threshold + min volume: <= 1 FP lesion/case
     "fpl3": {"calibration": "fp_lesions", "healthy_fp_lesions": 3.0},
     "mm6": {"size_units": "mm", "median_mm": 6.0},  # 3-voxel median at 2 mm (5 at 1 mm), components < 0.01 ml dropped
     "mm6fpl3": {"calibration": "fp_lesions", "healthy_fp_lesions": 3.0, "median_mm": 6.0},
+    # hysteresis: the run's threshold for extent, components kept where their peak exceeds a second
+    # threshold fitted to <= 1 / 3 FP lesions per healthy case (no minimum volume fitted)
+    "hyst1": {"calibration": "hysteresis", "healthy_fp_lesions": 1.0},
+    "hyst3": {"calibration": "hysteresis", "healthy_fp_lesions": 3.0},
+    "mmhyst1": {"calibration": "hysteresis", "healthy_fp_lesions": 1.0, "size_units": "mm"},
+    "mmhyst3": {"calibration": "hysteresis", "healthy_fp_lesions": 3.0, "size_units": "mm"},
+    "mm6hyst3": {"calibration": "hysteresis", "healthy_fp_lesions": 3.0, "size_units": "mm", "median_mm": 6.0},
 }
 
 FULL = dict(healthy=40, lesioned=12, epochs=12, batch_size=32, max_steps=None, seeds=[0, 1, 2], sizes=[64, 128], top=2)

@@ -101,6 +101,10 @@ def test_score_with_onnx_equals_pytorch_without_the_run_folder(healthy_dir, lesi
         assert_close_to_range(onnx_map, torch_map)
     scores = json.loads((tmp_path / "ox" / "scores.json").read_text())
     assert scores["onnx"] == str(onnx_file.resolve()) and scores["threshold"] == meta.threshold
+    # the default rule's second threshold travels in the file
+    assert scores["threshold_rule"] == "hysteresis"
+    assert scores["postprocess_fitted"] == calibration["postprocess_fitted"] == meta.postprocessing_fitted
+    assert "peak_threshold_" in scores["postprocess_fitted"]
 
 
 def test_export_refuses_predictors_onnx_cannot_express(healthy_dir, tmp_path, capsys):

@@ -125,6 +125,37 @@ def test_lesion_level_calibration_agrees_with_a_hand_computed_example():
     assert post.threshold_ == 4.0 and post.fitted_state() == {}
 
 
+def test_hysteresis_calibration_agrees_with_a_hand_computed_example():
+    # every spot is a component (1 mm, components of >= 1 voxel kept); the voxel_fpr threshold is 0.
+    # Peaks over both cases: 6, 5, 4, 3, 2; target 0.5 per case x 2 cases = 1 component may exceed
+    # the peak threshold -> the second largest peak, 5 (only the 6 exceeds it).
+    post = PostProcessor(calibration="hysteresis", size_units="mm", min_lesion_ml=0.001, healthy_fp_lesions=0.5,
+                         healthy_fpr=0.05).fit(HEALTHY)
+    assert (post.threshold_, post.peak_threshold_, post.healthy_fp_lesions_) == (0.0, 5.0, 0.5)
+    fps = [case_lesions(post.segment(m, spacing=s), np.zeros(m.shape, bool), s, brain=b).n_false_positive
+           for m, b, s in HEALTHY]
+    assert fps == [0, 1]
+    # a lesioned case: a one-voxel lesion that is bright in the map survives, a large faint blob does
+    # not, and the kept component has the extent of the low threshold (its voxels at 0.5 included)
+    amap, brain, spacing = _healthy_case([(4.5, (2, 2, 2), 4), (7.0, (12, 12, 12), 1)])
+    amap[13, 12, 12] = 0.5
+    seg = post.segment(amap, spacing=spacing)
+    assert seg[12, 12, 12] == 1 and seg[13, 12, 12] == 1 and seg.sum() == 2
+    # fp_lesions on the same healthy cases buys its count with a minimum volume: the small lesion is lost
+    fp_rule = PostProcessor(calibration="fp_lesions", healthy_fp_lesions=0.5, healthy_fpr=0.05,
+                            min_lesion_ml_candidates=[0.027, 0.001]).fit(HEALTHY)
+    assert fp_rule.segment(amap, spacing=spacing)[12, 12, 12] == 0
+    # the voxel_fpr threshold is the floor of both thresholds: 4.0 here, then peaks 6 and 5 remain
+    post = PostProcessor(calibration="hysteresis", size_units="mm", min_lesion_ml=0.001, healthy_fp_lesions=0.5,
+                         healthy_fpr=0.001).fit(HEALTHY)
+    assert (post.threshold_, post.peak_threshold_) == (4.0, 5.0)
+    # a target no healthy case reaches keeps every component: the peak threshold is the voxel threshold
+    post = PostProcessor(calibration="hysteresis", healthy_fp_lesions=5.0, healthy_fpr=0.001).fit(HEALTHY)
+    assert post.peak_threshold_ == post.threshold_ and post.healthy_fp_lesions_ == 0.0  # 1-voxel spots < 8 voxels
+    with pytest.raises(ValueError, match="peak_threshold_"):
+        PostProcessor(calibration="hysteresis").load_fitted_state({})
+
+
 def _planted(spacing_mm: float, volume_ml: float = 0.05):
     """A brain of noise (values < 0.3) and one spherical lesion of `volume_ml` (value 1)."""
     n = int(round(40 / spacing_mm))
@@ -143,7 +174,9 @@ def _planted(spacing_mm: float, volume_ml: float = 0.05):
 def test_a_small_lesion_survives_the_physical_post_processing(spacing_mm):
     amap, brain, lesion, spacing = _planted(spacing_mm)
     assert 0.04 <= lesion.sum() * spacing_mm ** 3 / 1000 <= 0.06
-    for post in (PostProcessor(calibration="fp_lesions"), PostProcessor(size_units="mm")):
+    hysteresis = PostProcessor(calibration="hysteresis", size_units="mm")
+    hysteresis.peak_threshold_ = 0.9
+    for post in (PostProcessor(calibration="fp_lesions"), PostProcessor(size_units="mm"), hysteresis):
         seg = post.segment(post.smooth(amap, brain, spacing), 0.5, spacing)
         found = case_lesions(seg, lesion, spacing, brain=brain)
         assert found.n_detected == 1 and found.n_false_positive == 0
@@ -165,8 +198,10 @@ def test_physical_sizes_in_voxels():
         PostProcessor(calibration="fp_lesions", size_units="voxels")
 
 
-def test_lesion_calibration_reads_only_the_held_out_healthy_cases(shared_run, tmp_path, lesioned_dir, monkeypatch):
-    """fp_lesions is fitted on the run's held-out healthy cases; test data never changes it."""
+@pytest.mark.parametrize("rule, fitted", [("fp_lesions", "min_lesion_ml_"), ("hysteresis", "peak_threshold_")])
+def test_lesion_calibration_reads_only_the_held_out_healthy_cases(shared_run, tmp_path, lesioned_dir, monkeypatch,
+                                                                  rule, fitted):
+    """The lesion-level rules are fitted on the run's held-out healthy cases; test data never changes them."""
     import nibabel as nib
 
     from anomaseg.evaluation import evaluate_dataset
@@ -176,7 +211,7 @@ def test_lesion_calibration_reads_only_the_held_out_healthy_cases(shared_run, tm
     shutil.copytree(shared_run, run)
     paths = RunPaths(run)
     config = yaml.safe_load(paths.config.read_text())
-    config["score"]["calibration"] = "fp_lesions"
+    config["score"]["calibration"] = rule
     paths.config.write_text(yaml.safe_dump(config))
     read = []
     prepare = calibration.prepare_cases
@@ -185,8 +220,8 @@ def test_lesion_calibration_reads_only_the_held_out_healthy_cases(shared_run, tm
     scorer = calibration.calibrate(run, progress=False, force=True)
     assert sorted(read) == sorted(json.loads(paths.split.read_text())["val"])
     entry = json.loads(paths.calibration.read_text())["residual"]
-    assert entry["postprocess"]["calibration"] == "fp_lesions"
-    assert entry["postprocess_fitted"]["min_lesion_ml_"] == scorer.post.min_lesion_ml_
+    assert entry["postprocess"]["calibration"] == rule
+    assert entry["postprocess_fitted"][fitted] == getattr(scorer.post, fitted)
 
     def refit(*a, **k):
         raise AssertionError("calibrated on the test data")
@@ -216,6 +251,12 @@ def test_an_onnx_export_carries_the_fitted_lesion_volume():
     stale = ExportMetadata({}, {}, settings, post.threshold_, {}, {}, 0)  # without it: an error, not another size
     with pytest.raises(ValueError, match="min_lesion_ml_"):
         stale.postprocessor()
+    post = PostProcessor(calibration="hysteresis", size_units="mm", min_lesion_ml=0.001, healthy_fp_lesions=0.5,
+                         healthy_fpr=0.05).fit(HEALTHY)
+    settings = {k: v for k, v in vars(post).items() if not k.endswith("_")}
+    meta = ExportMetadata(**json.loads(ExportMetadata({}, {}, settings, post.threshold_, {}, {}, 0,
+                                                      post.fitted_state()).to_json()))
+    assert meta.postprocessor().peak_threshold_ == 5.0
 
 
 def test_one_pass_evaluates_several_post_processing_rules(shared_run, tmp_path, lesioned_dir):
@@ -240,6 +281,6 @@ def test_one_pass_evaluates_several_post_processing_rules(shared_run, tmp_path, 
     assert {k: both["lesions"][k] for k in keys} == {k: alone[k] for k in keys}
     assert both["lesions"]["threshold"] != both["own"]["threshold"]  # the rules really differ
     entries = json.loads(RunPaths(run).calibration.read_text())  # each rule keeps its own calibration
-    assert entries["residual"]["postprocess"]["calibration"] == "voxel_fpr"
+    assert entries["residual"]["postprocess"]["calibration"] == "hysteresis"  # the default
     assert entries["residual | score(calibration=fp_lesions,healthy_fp_lesions=0.5)"]["postprocess"][
         "calibration"] == "fp_lesions"

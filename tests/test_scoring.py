@@ -21,6 +21,8 @@ def test_calibration_is_reused_until_the_checkpoint_changes(healthy_dir, tmp_pat
     monkeypatch.setattr(Scorer, "fit", refit)
     scorer = calibration.calibrate(run, progress=False)  # same checkpoint: read from calibration.json
     assert scorer.post.threshold_ == stored["threshold"]
+    assert stored["postprocess"]["calibration"] == "hysteresis"  # the default rule, its second threshold kept
+    assert scorer.post.peak_threshold_ == stored["postprocess_fitted"]["peak_threshold_"] >= scorer.post.threshold_
     # the stamp is the weights' digest: the same weights written again keep the calibration...
     best = RunPaths(run).best
     state = load_checkpoint(best)

@@ -105,6 +105,9 @@ def cmd_train(args) -> int:
     if config.score.calibration == "fp_lesions":
         rule = (f"with lesions of >= {scorer.post.min_lesion_ml_:g} ml: {scorer.post.healthy_fp_lesions_:.2f} "
                 f"false-positive lesions per held-out healthy case")
+    elif config.score.calibration == "hysteresis":
+        rule = (f"components kept where they exceed {scorer.post.peak_threshold_:.4g}: "
+                f"{scorer.post.healthy_fp_lesions_:.2f} false-positive lesions per held-out healthy case")
     else:
         rule = f"flags {config.score.healthy_fpr:.2%} of held-out healthy brain voxels"
     print(f"trained {config.model.name}: best validation loss {summary['best_val_loss']:.4g}; "

@@ -141,15 +141,17 @@ class ScoreConfig:
     min_component_size: int = 8  # connected components with fewer voxels are dropped
     healthy_fpr: float = 0.005  # threshold: this fraction of healthy brain voxels is flagged
     batch_size: int | None = None  # scoring batch; None: sized to the machine (inference.inference_batch_size)
-    # threshold rule (postprocess.py): voxel_fpr (the healthy_fpr quantile) or fp_lesions (threshold and
-    # minimum lesion volume fitted to <= healthy_fp_lesions false-positive lesions per healthy case)
-    calibration: str = "voxel_fpr"
+    # threshold rule (postprocess.py): voxel_fpr (the healthy_fpr quantile), fp_lesions (threshold and
+    # minimum lesion volume fitted to <= healthy_fp_lesions false-positive lesions per healthy case) or
+    # hysteresis (voxel_fpr's threshold for extent, components kept where their peak exceeds a second
+    # threshold fitted to <= healthy_fp_lesions false-positive lesions per healthy case)
+    calibration: str = "hysteresis"  # chosen by benchmarks/study_defaults.py (issue 18; benchmarks/README.md)
     # post-processing sizes: voxels (median_size, min_component_size) or mm (median_mm, min_lesion_ml,
-    # from each case's voxel spacing); None: voxels under voxel_fpr, mm under fp_lesions
+    # from each case's voxel spacing); None: mm under fp_lesions, voxels otherwise
     size_units: str | None = None
     median_mm: float = 3.0  # median window width (mm) per axis; 3 mm: 3 voxels at 1 mm, off at 2 mm
-    min_lesion_ml: float = 0.01  # components below this volume are dropped (size_units mm, voxel_fpr)
-    healthy_fp_lesions: float = 1.0  # fp_lesions: target mean false-positive lesions per healthy case
+    min_lesion_ml: float = 0.01  # components below this volume are dropped (size_units mm; fitted under fp_lesions)
+    healthy_fp_lesions: float = 1.0  # fp_lesions, hysteresis: target mean false-positive lesions per healthy case
     min_lesion_ml_candidates: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 0.2, 0.5])
 
     def __post_init__(self):

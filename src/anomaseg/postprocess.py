@@ -5,7 +5,7 @@ brain mask eroded by `erosion` voxels (reconstructions are poor at the brain's b
 thresholding; (4) connected components (26-connectivity) that are too small are dropped.
 
 Sizes (`size_units`):
-- "voxels" (the default under the voxel_fpr rule, today's behaviour): a median window of
+- "voxels" (the default, except under the fp_lesions rule): a median window of
   `median_size` voxels per axis (5 in the paper) and components of fewer than
   `min_component_size` voxels dropped (the reference code drops components <= 7 voxels);
 - "mm" (the default under the fp_lesions rule): the same physical sizes on any voxel grid, from
@@ -15,7 +15,7 @@ Sizes (`size_units`):
 The erosion stays in voxels.
 
 Threshold rules (`calibration`; fitted on held-out *healthy* cases only, never on test data):
-- "voxel_fpr" (default): the (1 - `healthy_fpr`) quantile of the post-processed map over the brain
+- "voxel_fpr": the (1 - `healthy_fpr`) quantile of the post-processed map over the brain
   voxels of the healthy calibration cases, i.e. the value that flags a fraction `healthy_fpr` of
   healthy brain voxels (a voxel-level false-positive rate) before small components are removed.
 - "fp_lesions": the threshold together with the minimum lesion volume, so that the mean number of
@@ -27,6 +27,15 @@ Threshold rules (`calibration`; fitted on held-out *healthy* cases only, never o
   voxel-level sensitivity of the voxel_fpr rule). The voxel_fpr threshold is a floor: the count
   alone would allow thresholds so low that the whole brain is one component (one "lesion").
   Fitted: `threshold_`, `min_lesion_ml_`, and the healthy cases' mean count there
+  (`healthy_fp_lesions_`).
+- "hysteresis" (the default of a run's config, `config.ScoreConfig`; this class defaults to
+  voxel_fpr): two thresholds. The voxel_fpr threshold (`threshold_`) draws each component's
+  extent, and a component is kept only where its peak exceeds `peak_threshold_`, the lowest value
+  at or above `threshold_` that at most `healthy_fp_lesions` components per healthy case (mean over
+  the calibration cases, after small components are dropped) exceed. Unlike fp_lesions it removes
+  the weak false components without a minimum volume, so a small lesion that is bright in the map
+  survives, and the voxels of the kept components are those of the voxel_fpr rule (its Dice).
+  Fitted: `threshold_`, `peak_threshold_`, and the healthy cases' mean count
   (`healthy_fp_lesions_`).
 """
 
@@ -71,7 +80,7 @@ def median_filter_3d(volume: np.ndarray, size: int, threads: int = 2) -> np.ndar
         return np.concatenate(list(pool.map(run, range(threads))), axis=2)
 
 
-CALIBRATION_RULES = ("voxel_fpr", "fp_lesions")
+CALIBRATION_RULES = ("voxel_fpr", "fp_lesions", "hysteresis")
 SIZE_UNITS = ("voxels", "mm")
 MIN_LESION_ML_CANDIDATES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 
@@ -136,15 +145,16 @@ class PostProcessor:
 
     def fitted_state(self) -> dict:
         """What `fit` learned beyond `threshold_` (RUN/calibration.json keeps it)."""
-        return {k: getattr(self, k) for k in ("min_lesion_ml_", "healthy_fp_lesions_") if hasattr(self, k)}
+        return {k: getattr(self, k) for k in _FITTED_STATE if hasattr(self, k)}
 
     def load_fitted_state(self, state: dict) -> "PostProcessor":
         for k, v in (state or {}).items():
-            if k not in ("min_lesion_ml_", "healthy_fp_lesions_"):
+            if k not in _FITTED_STATE:
                 raise ValueError(f"unknown fitted post-processing state {k!r}")
             setattr(self, k, float(v))
-        if self.calibration == "fp_lesions" and "min_lesion_ml_" not in (state or {}):
-            raise ValueError("an fp_lesions calibration without its fitted min_lesion_ml_")
+        needed = {"fp_lesions": "min_lesion_ml_", "hysteresis": "peak_threshold_"}.get(self.calibration)
+        if needed and needed not in (state or {}):
+            raise ValueError(f"a {self.calibration} calibration without its fitted {needed}")
         return self
 
     def eroded(self, brain: np.ndarray) -> np.ndarray:
@@ -185,7 +195,23 @@ class PostProcessor:
         self.n_calibration_voxels_ = int(sum(v.size for v in values))
         if self.calibration == "fp_lesions":
             self._fit_fp_lesions(healthy)
+        elif self.calibration == "hysteresis":
+            self._fit_peak_threshold(healthy)
         return self
+
+    def _fit_peak_threshold(self, healthy: list[tuple]) -> None:
+        """The hysteresis rule (module docstring): the peaks of the components `segment` would draw
+        on the healthy cases at `threshold_` alone; at most floor(target x cases) may exceed the fit."""
+        self.peak_threshold_ = self.threshold_  # `segment` below keeps every component
+        peaks = []
+        for m, b, *rest in healthy:
+            seg = self.segment(m, spacing=rest[0] if rest else None) > 0
+            peaks.append(component_peaks(seg, m)[1])
+        peaks = np.sort(np.concatenate(peaks))[::-1]
+        allowed = int(math.floor(self.healthy_fp_lesions * len(healthy) + 1e-9))
+        if allowed < peaks.size:  # components whose peak is > the (allowed + 1)-th largest: <= allowed
+            self.peak_threshold_ = max(self.threshold_, float(peaks[allowed]))
+        self.healthy_fp_lesions_ = float((peaks > self.peak_threshold_).sum() / len(healthy))
 
     def _fit_fp_lesions(self, healthy: list[tuple]) -> None:
         """The fp_lesions rule (module docstring), the voxel_fpr threshold (`threshold_`) as floor."""
@@ -205,10 +231,19 @@ class PostProcessor:
         self.threshold_, self.min_lesion_ml_, self.healthy_fp_lesions_ = min(fits)
 
     def segment(self, smoothed: np.ndarray, threshold: float | None = None, spacing=None) -> np.ndarray:
-        """Binary segmentation (uint8) of a smoothed map: threshold, then drop small components."""
+        """Binary segmentation (uint8) of a smoothed map: threshold, then drop small components (and,
+        under the hysteresis rule, those whose peak does not exceed the peak threshold, or `threshold`
+        where that is higher)."""
         t = self.threshold_ if threshold is None else threshold
-        seg = smoothed > t
-        return remove_small_components(seg, self.min_voxels(spacing)).astype(np.uint8)
+        seg = remove_small_components(smoothed > t, self.min_voxels(spacing))
+        if self.calibration == "hysteresis":
+            if not hasattr(self, "peak_threshold_"):
+                raise ValueError("this hysteresis threshold came without its fitted peak_threshold_; calibrate again")
+            seg = keep_peaks_above(seg, smoothed, max(t, self.peak_threshold_))
+        return seg.astype(np.uint8)
+
+
+_FITTED_STATE = ("min_lesion_ml_", "healthy_fp_lesions_", "peak_threshold_")
 
 
 def _spacing(spacing) -> tuple[float, float, float]:
@@ -229,4 +264,26 @@ def remove_small_components(seg: np.ndarray, min_size: int) -> np.ndarray:
     keep[0] = False
     out = np.zeros(seg.shape, bool)
     out[box] = keep[labels]
+    return out
+
+
+def component_peaks(seg: np.ndarray, values: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """(labels of `seg`'s 26-connected components on its bounding box, or None when empty; the
+    largest value of `values` in each component, in label order)."""
+    if not seg.any():
+        return None, np.zeros(0, np.float32)
+    box = bounding_box(seg, 0)
+    labels, n = ndimage.label(seg[box], structure=np.ones((3, 3, 3), bool))
+    peaks = ndimage.maximum(values[box], labels, index=np.arange(1, n + 1))
+    return labels, np.asarray(peaks, np.float32).reshape(n)
+
+
+def keep_peaks_above(seg: np.ndarray, values: np.ndarray, peak: float) -> np.ndarray:
+    """`seg` without the components in which no value of `values` exceeds `peak`."""
+    labels, peaks = component_peaks(seg, values)
+    if labels is None:
+        return seg
+    keep = np.concatenate([[False], peaks > peak])
+    out = np.zeros(seg.shape, bool)
+    out[bounding_box(seg, 0)] = keep[labels]
     return out

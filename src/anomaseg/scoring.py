@@ -71,7 +71,9 @@ def bids_output_info(run_dir, config: cfg.RunConfig, scorer: Scorer) -> dict:
     """What the JSON sidecars of BIDS-derivative outputs record."""
     from anomaseg import __version__
 
+    peak = getattr(scorer.post, "peak_threshold_", None)
     return {"Model": config.model.name, "Predictor": scorer.predictor.name, "Threshold": scorer.post.threshold_,
+            "ThresholdRule": scorer.post.calibration, **({"PeakThreshold": peak} if peak is not None else {}),
             "HealthyFalsePositiveRate": config.score.healthy_fpr, "Run": str(Path(run_dir).resolve()),
             "Checkpoint": checkpoint_stamp(run_dir), "AnomasegVersion": __version__}
 
@@ -140,7 +142,9 @@ def score_dataset(run_dir: str | Path | None, data: str | Path, out_dir: str | P
         rows = sorted((row for part in parts for row in part), key=lambda r: r["case_id"])
         summary = {"run": None if onnx is not None else str(Path(run_dir).resolve()),
                    "onnx": None if onnx is None else str(Path(onnx).resolve()), "data": dataset.resolved,
-                   "predictor": scorer.predictor.name, "threshold": scorer.post.threshold_, "cases": rows}
+                   "predictor": scorer.predictor.name, "threshold": scorer.post.threshold_,
+                   "threshold_rule": scorer.post.calibration, "postprocess_fitted": scorer.post.fitted_state(),
+                   "cases": rows}
         if qa is not None:
             summary["qa"] = qa
         if shard is not None:
