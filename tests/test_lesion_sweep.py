@@ -234,6 +234,7 @@ def test_lesion_calibration_reads_only_the_held_out_healthy_cases(shared_run, tm
         nib.save(nib.Nifti1Image(noisy.astype(np.float32), img.affine), image)
     metrics = evaluate_dataset(run, lesioned_dir, tmp_path / "eval", progress=False, baseline=False)
     assert metrics["threshold"] == scorer.post.threshold_
+    assert metrics["threshold_rule"] == rule and metrics["postprocess_fitted"][fitted] == getattr(scorer.post, fitted)
     assert np.isfinite(metrics["froc_score"]) and metrics["froc_n_lesions"] == metrics["n_true_lesions"]
 
 

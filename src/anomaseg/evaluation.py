@@ -67,6 +67,7 @@ class PredictorTally:
     predictor: str  # its name, or the caller's label for one of several settings of it
     threshold: float
     params: dict = field(default_factory=dict)  # the predictor's hyper-parameters
+    rule: dict = field(default_factory=dict)  # the threshold rule and what it fitted besides the threshold
     voxels: VoxelMetrics = field(default_factory=VoxelMetrics)
     tp: int = 0
     fp: int = 0
@@ -153,6 +154,7 @@ class PredictorTally:
             "image_auroc": binary_auroc(scores, labels) if two_classes else math.nan,
             "image_auprc": binary_auprc(scores, labels) if two_classes else math.nan,
             "threshold": self.threshold,
+            "threshold_rule": self.rule.get("calibration"), "postprocess_fitted": self.rule.get("fitted", {}),
             "predictor": self.predictor,
             "predictor_params": self.params,
             "n_cases": len(self.per_case), "n_voxels": m["n_voxels"], "n_anomalous_voxels": m["n_positive"],
@@ -234,7 +236,8 @@ def evaluate_shard(rank: int, cases: list, report, job: EvaluationJob, out: Path
     config = load_run_config(job.run_dir)
     spec = config.data.slice_spec()
     model = scorers[job.reported[0]].model
-    tallies = {name: PredictorTally(name, scorer.post.threshold_, scorer.predictor.get_params())
+    tallies = {name: PredictorTally(name, scorer.post.threshold_, scorer.predictor.get_params(),
+                                    {"calibration": scorer.post.calibration, "fitted": scorer.post.fitted_state()})
                for name, scorer in scorers.items()}
     reported = list(job.reported)
     assessor = load_assessor(job.qa)
