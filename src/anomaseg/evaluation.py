@@ -5,7 +5,8 @@ Per predictor (all of them share one pass over the data: each case is read once)
   pixel AUPRC and the best-possible Dice over thresholds of the post-processed map (Baur et al.'s
   "best Dice"; small-component removal is not applied inside that sweep), from `VoxelMetrics`;
 - `dice_at_threshold`: Dice of the actual segmentations (healthy-calibrated threshold, small
-  components removed), pooled over all test voxels; per case the same Dice in `per_case`;
+  components removed, and under the hysteresis rule the components whose peak stays below its
+  second threshold), pooled over all test voxels; per case the same Dice in `per_case`;
 - `image_auroc`: slice level; an axial slice with brain is anomalous if it holds a label voxel, and
   its score is the predictor's `score` of the slice (by default the mean of the highest 1% of its
   anomaly map inside the brain; Skip-GANomaly's own image score for that predictor);
