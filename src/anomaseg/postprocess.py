@@ -200,17 +200,14 @@ class PostProcessor:
         return self
 
     def _fit_peak_threshold(self, healthy: list[tuple]) -> None:
-        """The hysteresis rule (module docstring): the peaks of the components `segment` would draw
-        on the healthy cases at `threshold_` alone; at most floor(target x cases) may exceed the fit."""
-        self.peak_threshold_ = self.threshold_  # `segment` below keeps every component
-        peaks = []
-        for m, b, *rest in healthy:
-            seg = self.segment(m, spacing=rest[0] if rest else None) > 0
-            peaks.append(component_peaks(seg, m)[1])
-        peaks = np.sort(np.concatenate(peaks))[::-1]
+        """The hysteresis rule (module docstring): the peaks of the components the voxel threshold
+        draws on the healthy cases (small ones dropped); at most floor(target x cases) may exceed it."""
+        peaks = np.sort(np.concatenate([
+            component_peaks(m > self.threshold_, m, self.min_voxels(rest[0] if rest else None))
+            for m, b, *rest in healthy]))[::-1]
         allowed = int(math.floor(self.healthy_fp_lesions * len(healthy) + 1e-9))
-        if allowed < peaks.size:  # components whose peak is > the (allowed + 1)-th largest: <= allowed
-            self.peak_threshold_ = max(self.threshold_, float(peaks[allowed]))
+        # components whose peak is > the (allowed + 1)-th largest: at most `allowed`
+        self.peak_threshold_ = max(self.threshold_, float(peaks[allowed])) if allowed < peaks.size else self.threshold_
         self.healthy_fp_lesions_ = float((peaks > self.peak_threshold_).sum() / len(healthy))
 
     def _fit_fp_lesions(self, healthy: list[tuple]) -> None:
@@ -235,12 +232,12 @@ class PostProcessor:
         under the hysteresis rule, those whose peak does not exceed the peak threshold, or `threshold`
         where that is higher)."""
         t = self.threshold_ if threshold is None else threshold
-        seg = remove_small_components(smoothed > t, self.min_voxels(spacing))
-        if self.calibration == "hysteresis":
-            if not hasattr(self, "peak_threshold_"):
-                raise ValueError("this hysteresis threshold came without its fitted peak_threshold_; calibrate again")
-            seg = keep_peaks_above(seg, smoothed, max(t, self.peak_threshold_))
-        return seg.astype(np.uint8)
+        if self.calibration != "hysteresis":
+            return remove_small_components(smoothed > t, self.min_voxels(spacing)).astype(np.uint8)
+        if not hasattr(self, "peak_threshold_"):
+            raise ValueError("this hysteresis threshold came without its fitted peak_threshold_; calibrate again")
+        return remove_small_components(smoothed > t, self.min_voxels(spacing), smoothed,
+                                       max(t, self.peak_threshold_)).astype(np.uint8)
 
 
 _FITTED_STATE = ("min_lesion_ml_", "healthy_fp_lesions_", "peak_threshold_")
@@ -252,38 +249,36 @@ def _spacing(spacing) -> tuple[float, float, float]:
     return tuple(float(s) for s in spacing)
 
 
-def remove_small_components(seg: np.ndarray, min_size: int) -> np.ndarray:
-    """`seg` without its 26-connected components of fewer than `min_size` voxels. Labelling runs on
-    the bounding box of the foreground only (components never leave it)."""
-    if min_size <= 1 or not seg.any():
-        return seg
+def _components(seg: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray, int]:
+    """(the foreground's bounding box, its 26-connected component labels there, their count):
+    labelling runs on the box only (components never leave it)."""
     box = bounding_box(seg, 0)
     labels, n = ndimage.label(seg[box], structure=np.ones((3, 3, 3), bool))
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    keep = sizes >= min_size
+    return box, labels, n
+
+
+def remove_small_components(seg: np.ndarray, min_size: int, values: np.ndarray | None = None,
+                            peak: float | None = None) -> np.ndarray:
+    """`seg` without its 26-connected components of fewer than `min_size` voxels and, with `values`
+    and `peak`, without those in which no value of `values` exceeds `peak` (one labelling for both)."""
+    if (min_size <= 1 and values is None) or not seg.any():
+        return seg
+    box, labels, n = _components(seg)
+    keep = np.bincount(labels.ravel(), minlength=n + 1) >= min_size
+    if values is not None:
+        keep[1:] &= np.asarray(ndimage.maximum(values[box], labels, index=np.arange(1, n + 1))) > peak
     keep[0] = False
     out = np.zeros(seg.shape, bool)
     out[box] = keep[labels]
     return out
 
 
-def component_peaks(seg: np.ndarray, values: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
-    """(labels of `seg`'s 26-connected components on its bounding box, or None when empty; the
-    largest value of `values` in each component, in label order)."""
+def component_peaks(seg: np.ndarray, values: np.ndarray, min_size: int = 1) -> np.ndarray:
+    """The largest value of `values` in each 26-connected component of `seg` with at least
+    `min_size` voxels (float32, in label order)."""
     if not seg.any():
-        return None, np.zeros(0, np.float32)
-    box = bounding_box(seg, 0)
-    labels, n = ndimage.label(seg[box], structure=np.ones((3, 3, 3), bool))
-    peaks = ndimage.maximum(values[box], labels, index=np.arange(1, n + 1))
-    return labels, np.asarray(peaks, np.float32).reshape(n)
-
-
-def keep_peaks_above(seg: np.ndarray, values: np.ndarray, peak: float) -> np.ndarray:
-    """`seg` without the components in which no value of `values` exceeds `peak`."""
-    labels, peaks = component_peaks(seg, values)
-    if labels is None:
-        return seg
-    keep = np.concatenate([[False], peaks > peak])
-    out = np.zeros(seg.shape, bool)
-    out[bounding_box(seg, 0)] = keep[labels]
-    return out
+        return np.zeros(0, np.float32)
+    box, labels, n = _components(seg)
+    index = np.arange(1, n + 1)
+    peaks = np.asarray(ndimage.maximum(values[box], labels, index=index), np.float32).reshape(n)
+    return peaks[np.bincount(labels.ravel(), minlength=n + 1)[1:] >= min_size]
