@@ -35,7 +35,8 @@ def _metrics_and_curves():
     vm = VoxelMetrics()
     vm.update(rng.standard_normal(5000).astype(np.float32) + labels, labels)
     metrics = vm.compute()
-    metrics.update(image_auroc=math.nan, threshold=0.7, model="vae <beta=4>")
+    metrics.update(image_auroc=math.nan, threshold=0.7, model="vae <beta=4>", threshold_rule="hysteresis",
+                   postprocess_fitted={"peak_threshold_": 1.2345, "min_lesion_ml_": None})
     return metrics, vm.curves(max_points=100)
 
 
@@ -59,6 +60,8 @@ def test_report_is_self_contained_and_escaped(tmp_path):
     assert "BraTS_001" in text and "eval &amp; &lt;test&gt;" in text and "vae &lt;beta=4&gt;" in text
     assert "n/a" in text  # NaN metric / NaN per-case value
     assert "0.612" in text and "1234" in text
+    # the threshold rule and its fitted state (one level of nesting) are in the summary
+    assert "hysteresis" in text and "postprocess_fitted.peak_threshold_" in text and "1.23" in text
     assert out.stat().st_size < 500_000
 
 

@@ -219,7 +219,10 @@ img { max-width: 100%; height: auto; }
 """
 
 
-def _scalar_items(metrics: dict) -> list[tuple[str, Any]]:
+def _scalar_items(metrics: dict, nested: bool = True) -> list[tuple[str, Any]]:
+    """The scalar entries of `metrics`; with `nested`, those of its dict entries too, one level down
+    ("postprocess_fitted.peak_threshold_": the fitted state of the threshold rule, the predictor's
+    parameters)."""
     out = []
     for k, v in metrics.items():
         if isinstance(v, np.ndarray) and v.ndim == 0:
@@ -228,12 +231,15 @@ def _scalar_items(metrics: dict) -> list[tuple[str, Any]]:
             v = v.item()
         if v is None or isinstance(v, (numbers.Number, str, bool)):
             out.append((str(k), v))
+        elif nested and isinstance(v, dict):
+            out += [(f"{k}.{sub}", w) for sub, w in _scalar_items(v, nested=False)]
     return out
 
 
 def _summary_html(metrics: dict) -> str:
+    shown = {key: value for key, value in metrics.items() if key != "baseline"}  # the baseline has its own table
     rows = "".join(f'<tr><td class="key">{escape_html(k)}</td><td>{escape_html(fmt(v))}</td></tr>'
-                   for k, v in _scalar_items(metrics))
+                   for k, v in _scalar_items(shown))
     parts = [f'<table><tr><th class="key">metric</th><th>value</th></tr>{rows}</table>']
     warnings = metrics.get("warnings")
     if isinstance(warnings, (list, tuple)) and warnings:
