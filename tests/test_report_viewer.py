@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from anomaseg.report import write_report
-from anomaseg.report_viewer import case_slices
+from anomaseg.report_viewer import case_slices, froc_png, operating_point
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
@@ -56,6 +56,19 @@ def test_report_sections_and_size(tmp_path):
     assert not re.search(r"""(src|href)=["']?(https?:|//)""", text)  # nothing loaded from outside
     # one 20-slice case costs a few kB here; a 2 mm brain at 64 px ~100-300 kB (module docstring)
     assert len(text) < 200_000
+
+
+def test_froc_plot_marks_the_segmentations_operating_point():
+    curve = {"fp_per_case": [0.0, 0.5, 2.0, 8.0], "sensitivity": [0.1, 0.3, 0.5, 0.7]}
+    m = {"predictor": "grad_elbo", "froc_score": 0.4, "threshold_rule": "hysteresis",
+         "false_positive_lesions_per_case": 1.5, "lesion_recall": 0.25}
+    assert operating_point(m) == (1.5, 0.25)
+    assert operating_point({**m, "lesion_recall": float("nan")}) is None
+    assert operating_point({"lesion_recall": 0.3}) is None
+    with_dot = froc_png(m, curve)
+    without = froc_png({k: v for k, v in m.items() if k != "lesion_recall"}, curve)
+    assert with_dot.startswith("data:image/png;base64,") and with_dot != without
+    assert froc_png(m, {"fp_per_case": [], "sensitivity": []}) is None
 
 
 HEAD_HOOK = """<script>window.__errors = [];

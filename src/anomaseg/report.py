@@ -387,7 +387,8 @@ def write_report(
                      "threshold sweep (components and hits as in the clinical metrics, small components removed "
                      "as in the segmentation; a case's false-positive count is its running maximum from the "
                      "highest threshold down). FROC score: the mean sensitivity at 1/8, 1/4, 1/2, 1, 2, 4 and 8 "
-                     "false positives per case.</p>"]
+                     "false positives per case. A dot: the segmentation itself, at the calibrated threshold under its "
+                     "rule (the hysteresis rule's peak test can put it off the curve).</p>"]
     if viewers:
         sections += [f"<h2>Slice viewer ({len(viewers)} cases)</h2>", report_viewer.viewers_html(viewers)]
     sections += _qa_calibration_html(per_case)

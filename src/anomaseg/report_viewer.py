@@ -240,16 +240,26 @@ def size_recall_png(metrics: dict, baseline: dict | None = None) -> str | None:
             ax.text(xi, (0 if np.isnan(r) else r) + 0.02, f"n={data[n]['n_lesions']}", ha="center", fontsize=7)
     ax.set_xticks(np.arange(len(names)), names)
     ax.set(ylim=(0, 1.12), ylabel="lesion recall", title="Detected lesions by lesion volume")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left")  # FROC curves rise to the right: the upper left stays free
     fig.tight_layout()
     return png_data_uri(fig)
+
+
+def operating_point(metrics: dict) -> tuple[float, float] | None:
+    """(false-positive lesions per case, lesion recall) of the segmentation itself: the calibrated
+    threshold under its rule, which the FROC's voxel-threshold sweep need not pass through (the
+    hysteresis rule's peak test, a fitted minimum volume); None where either is missing."""
+    fp, recall = metrics.get("false_positive_lesions_per_case"), metrics.get("lesion_recall")
+    ok = all(isinstance(v, (int, float)) and np.isfinite(v) for v in (fp, recall))
+    return (float(fp), float(recall)) if ok else None
 
 
 def froc_png(metrics: dict, curve: dict, baseline: dict | None = None,
              baseline_curve: dict | None = None) -> str | None:
     """The FROC curve (lesion sensitivity against false-positive lesions per case, log axis, points
     joined linearly as the summary interpolates them; the summary's rates 1/8 ... 8 marked), the
-    baseline's beside it in grey. Points at 0 false positives are drawn at the axis' left end."""
+    baseline's beside it in grey; a dot on each: the segmentation at its calibrated threshold
+    (`operating_point`). Points at 0 false positives are drawn at the axis' left end."""
     from matplotlib.figure import Figure
 
     from anomaseg.lesion_sweep import FROC_RATES
@@ -268,12 +278,17 @@ def froc_png(metrics: dict, curve: dict, baseline: dict | None = None,
         score = m.get("froc_score")
         text = label + (f" (FROC score {score:.3f})" if isinstance(score, float) and np.isfinite(score) else "")
         ax.plot(np.maximum(c["fp_per_case"], low), c["sensitivity"], color=colour, lw=1.6, label=mpl_text(text))
+        point = operating_point(m)
+        if point is not None:
+            rule = m.get("threshold_rule")
+            ax.plot(max(point[0], low), point[1], "o", color=colour, ms=6,
+                    label=mpl_text("  its segmentation" + (f" ({rule})" if rule else "")))
     for rate in FROC_RATES:
         ax.axvline(rate, color="0.85", lw=0.8, zorder=0)
     ax.set_xscale("log")
     ax.set(xlim=(low, FROC_RATES[-1] * 4), ylim=(0, 1.02), xlabel="false-positive lesions per case",
            ylabel="lesion sensitivity", title="FROC (lesions over the threshold sweep)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left")  # FROC curves rise to the right: the upper left stays free
     fig.tight_layout()
     return png_data_uri(fig)
 
