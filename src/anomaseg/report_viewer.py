@@ -240,7 +240,7 @@ def size_recall_png(metrics: dict, baseline: dict | None = None) -> str | None:
             ax.text(xi, (0 if np.isnan(r) else r) + 0.02, f"n={data[n]['n_lesions']}", ha="center", fontsize=7)
     ax.set_xticks(np.arange(len(names)), names)
     ax.set(ylim=(0, 1.12), ylabel="lesion recall", title="Detected lesions by lesion volume")
-    ax.legend(fontsize=7, loc="upper left")  # FROC curves rise to the right: the upper left stays free
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return png_data_uri(fig)
 
