@@ -257,7 +257,13 @@ def main(argv=None) -> None:
     ap.add_argument("--train-sources", nargs="+", choices=["vae", "unet"], default=["vae", "unet"],
                     help="segmenters whose candidates may enter the training pool (perturbations always do); "
                          "e.g. --train-sources unet: the test pool's VAE segmentations come from a source left out of fitting")
+    ap.add_argument("--retable", metavar="JSON", help="rewrite the .md table of an earlier run's JSON and stop")
     args = ap.parse_args(argv)
+    if args.retable:
+        report = json.loads(Path(args.retable).read_text())
+        write_text(Path(args.retable).with_suffix(".md"), table(report))
+        print(table(report))
+        return
     variants = list(args.variants)
     reg_params = json.loads(args.reg_params) if args.reg_params else {}
     torch.set_num_threads(args.threads)
@@ -427,7 +433,31 @@ def table(report: dict) -> str:
         lines.append("")
     for kind, title in (("pool", "Balanced test pool"), ("model", "Every VAE and U-Net segmentation")):
         lines += by_source_table(report["results"].get(f"{kind}_by_source", {}), title)
+    lines += error_breakdown_table([r for r in report["test_rows"] if r["set"] == "pool"],
+                                   [k for k in report["results"]["pool"] if k in VARIANTS])
     return "\n".join(lines)
+
+
+def error_breakdown_table(rows: list[dict], variants: list[str]) -> list[str]:
+    """Where the balanced pool's error sits: MAE (mean signed error) of each variant's raw prediction
+    by true-Dice band and by kind of ground-truth perturbation."""
+    if not rows or not variants:
+        return []
+    true = np.array([r["dice"] for r in rows])
+    groups = [(f"true Dice {lo:.1f}-{lo + 0.2:.1f}", (true >= lo) & (true < lo + 0.2 if lo < 0.8 else true <= 1.0))
+              for lo in (0.0, 0.2, 0.4, 0.6, 0.8)]
+    kinds = sorted({r["source"] for r in rows if r["source"].startswith("perturbation:")})
+    groups += [(kind, np.array([r["source"] == kind for r in rows])) for kind in kinds]
+    lines = ["**Balanced test pool: error by true Dice and by perturbation** (MAE (mean signed error))", "",
+             "| group | n | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
+    for name, mask in groups:
+        if mask.any():
+            cells = []
+            for v in variants:
+                err = np.array([r[v][0] for r in rows])[mask] - true[mask]
+                cells.append(f"{np.abs(err).mean():.3f} ({err.mean():+.3f})")
+            lines.append(f"| {name} | {int(mask.sum())} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def by_source_table(by_source: dict, title: str) -> list[str]:
