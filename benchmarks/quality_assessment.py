@@ -433,7 +433,7 @@ def table(report: dict) -> str:
         lines.append("")
     for kind, title in (("pool", "Balanced test pool"), ("model", "Every VAE and U-Net segmentation")):
         lines += by_source_table(report["results"].get(f"{kind}_by_source", {}), title)
-    lines += error_breakdown_table([r for r in report["test_rows"] if r["set"] == "pool"],
+    lines += error_breakdown_table([r for r in report.get("test_rows", []) if r["set"] == "pool"],
                                    [k for k in report["results"]["pool"] if k in VARIANTS])
     return "\n".join(lines)
 
